@@ -1,0 +1,144 @@
+"""``treadle serve | demo | models`` — the one entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from treadle.settings import EMBEDDED_DEFAULT, ModelEntry, Settings, default_data_dir
+
+
+def _model_entry(text: str) -> ModelEntry:
+    if text == "embedded":
+        return EMBEDDED_DEFAULT
+    try:
+        return ModelEntry.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    defaults = Settings()
+    parser.add_argument(
+        "--host", default=defaults.host, help="address to bind (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=defaults.port, help="port (default %(default)s)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="where the database, converted models and checkpoints live"
+        " (default $TREADLE_DATA_DIR or ~/.treadle)",
+    )
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        type=_model_entry,
+        metavar="NAME=SOURCE",
+        help="serve a base model under NAME; SOURCE is a Hugging Face model folder or a hub id"
+        " already in the local HF cache. Repeatable. 'embedded' alone is the built-in"
+        f" {EMBEDDED_DEFAULT.name}, which is served when no --model is given",
+    )
+    parser.add_argument(
+        "--device",
+        default=defaults.device,
+        help="torch device, e.g. cpu or cuda (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-tokens-per-pass",
+        type=int,
+        default=defaults.max_tokens_per_pass,
+        help="tokens per packed forward/backward pass; bounds activation memory"
+        " (default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", help="debug, info, warning (default %(default)s)"
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        models=tuple(args.models) if args.models else (EMBEDDED_DEFAULT,),
+        device=args.device,
+        max_tokens_per_pass=args.max_tokens_per_pass,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from treadle.engine.memory import tune_allocator
+    from treadle.server.app import create_app
+
+    tune_allocator()
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = _settings(args)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level.lower(),
+        # Long-polls hold connections for up to 25 s; keep idle ones open a little longer.
+        timeout_keep_alive=30,
+    )
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from treadle.demo import run_demo
+
+    return run_demo(_settings(args))
+
+
+def models(args: argparse.Namespace) -> int:
+    """Prepare (convert) the embedded model and print where it lives."""
+    from treadle.engine.embedded import embedded_model_folder
+
+    folder = embedded_model_folder(args.data_dir)
+    print(f"{EMBEDDED_DEFAULT.name}\t{folder}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="treadle", description="A self-hosted server for the Tinker training API."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    p_serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Serve the Tinker API. Point the SDK at it with"
+        " TINKER_BASE_URL=http://HOST:PORT and TINKER_API_KEY=tml-<anything>.",
+    )
+    _add_server_args(p_serve)
+    p_serve.set_defaults(func=serve)
+    p_demo = commands.add_parser(
+        "demo",
+        help="start a server, run the demo through the official SDK, stop the server",
+    )
+    _add_server_args(p_demo)
+    p_demo.set_defaults(func=demo)
+    p_models = commands.add_parser(
+        "models", help="convert the embedded default model once and print its folder"
+    )
+    p_models.add_argument("--data-dir", type=Path, default=default_data_dir())
+    p_models.set_defaults(func=models)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""LoRA adapters: many adapters over one frozen base model.
+
+Each target ``nn.Linear`` of the base model is wrapped once in a :class:`LoraLinear`.
+Adapters are plain tensors held outside the model (:class:`Adapter`), so any number of
+them can live over one copy of the base weights. Which adapter applies to which rows of
+a pass is decided per pass by :class:`Routing`: the base matmul runs once for all rows,
+then each span of rows adds its own adapter's low-rank delta — Tinker's multi-tenant
+"clock cycle" in miniature.
+
+Naming and shapes follow PEFT (``lora_A``: ``[r, in]``, ``lora_B``: ``[out, r]``,
+scale ``alpha / r``, B initialised to zero), so a saved adapter is a PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_MODULE = "lm_head"
+
+# Tinker's LoRA scale is alpha / rank with alpha fixed at 32 (the cookbook's learning-rate
+# heuristics assume it); recorded in every checkpoint as ``lora_alpha``.
+DEFAULT_LORA_ALPHA = 32.0
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The shape of an adapter, as chosen at ``create_model``."""
+
+    rank: int
+    alpha: float = DEFAULT_LORA_ALPHA
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def targets(self) -> tuple[str, ...]:
+        """Leaf module names that get a LoRA pair, in PEFT's ``target_modules`` form."""
+        names: list[str] = []
+        if self.train_attn:
+            names += ATTN_MODULES
+        if self.train_mlp:
+            names += MLP_MODULES
+        if self.train_unembed:
+            names.append(UNEMBED_MODULE)
+        return tuple(names)
+
+
+@dataclass
+class LoraPair:
+    a: Tensor  # [rank, in_features]
+    b: Tensor  # [out_features, rank]
+
+
+@dataclass
+class Adapter:
+    """One adapter's weights, keyed by the wrapped module's path in the base model."""
+
+    spec: LoraSpec
+    pairs: dict[str, LoraPair] = field(default_factory=dict)
+
+    def parameters(self) -> list[Tensor]:
+        return [t for pair in self.pairs.values() for t in (pair.a, pair.b)]
+
+    def delta(self, path: str, x: Tensor) -> Tensor | None:
+        """``scale · x Aᵀ Bᵀ`` for the module at ``path``, or None if not adapted."""
+        pair = self.pairs.get(path)
+        if pair is None:
+            return None
+        # Cast to the activations' dtype: fp32 master weights under a bf16 base on GPUs
+        # (a no-op on CPU, where everything is fp32).
+        a, b = pair.a.to(x.dtype), pair.b.to(x.dtype)
+        return ((x @ a.t()) * self.spec.scale) @ b.t()
+
+
+def new_adapter(spec: LoraSpec, layers: dict[str, LoraLinear], seed: int | None = None) -> Adapter:
+    """A fresh adapter: A drawn like PEFT's default (Kaiming-uniform, a=√5, i.e.
+    U(±1/√in)), B zero, so the adapted model starts exactly at the base model."""
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    targets = spec.targets()
+    adapter = Adapter(spec)
+    for path, layer in layers.items():
+        if path.rsplit(".", 1)[-1] not in targets:
+            continue
+        base = layer.base
+        bound = 1.0 / math.sqrt(base.in_features)
+        a = torch.empty(spec.rank, base.in_features).uniform_(-bound, bound, generator=generator)
+        b = torch.zeros(base.out_features, spec.rank)
+        adapter.pairs[path] = LoraPair(a.requires_grad_(), b.requires_grad_())
+    return adapter
+
+
+@dataclass(frozen=True)
+class Span:
+    """Rows ``[start, stop)`` of a pass (flattened over batch and time) and their adapter
+    (None: the base model alone)."""
+
+    adapter: Adapter | None
+    start: int
+    stop: int
+
+
+_ROUTING: contextvars.ContextVar[Sequence[Span] | None] = contextvars.ContextVar(
+    "treadle_lora_routing", default=None
+)
+
+
+@contextlib.contextmanager
+def routing(spans: Sequence[Span]) -> Iterator[None]:
+    """Route the rows of every pass inside this block to their adapters. A context
+    variable, so each engine thread routes its own passes."""
+    token = _ROUTING.set(spans)
+    try:
+        yield
+    finally:
+        _ROUTING.reset(token)
+
+
+class LoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus whichever adapters the current routing names."""
+
+    def __init__(self, base: nn.Linear, path: str) -> None:
+        super().__init__()
+        self.base = base
+        self.path = path
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        spans = _ROUTING.get()
+        if not spans:
+            return y
+        if len(spans) == 1:
+            only = spans[0].adapter
+            delta = only.delta(self.path, x) if only is not None else None
+            return y if delta is None else y + delta
+        rows = x.reshape(-1, x.shape[-1])
+        parts: list[Tensor] = []
+        adapted = False
+        for span in spans:
+            delta = None
+            if span.adapter is not None:
+                delta = span.adapter.delta(self.path, rows[span.start : span.stop])
+            if delta is None:
+                delta = rows.new_zeros(span.stop - span.start, self.base.out_features)
+            else:
+                adapted = True
+            parts.append(delta)
+        if not adapted:
+            return y
+        return y + torch.cat(parts).reshape(y.shape)
+
+
+def wrap_linears(model: nn.Module) -> dict[str, LoraLinear]:
+    """Wrap every LoRA-able linear of ``model`` in place; returns them by module path
+    (``model.layers.0.self_attn.q_proj``, ``lm_head``, …)."""
+    names = {*ATTN_MODULES, *MLP_MODULES, UNEMBED_MODULE}
+    found = [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in names
+    ]
+    layers: dict[str, LoraLinear] = {}
+    for path, module in found:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        layer = LoraLinear(module, path)
+        setattr(parent, leaf, layer)
+        layers[path] = layer
+    return layers

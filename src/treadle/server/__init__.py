@@ -1,0 +1,1 @@
+"""The HTTP face: FastAPI routers, one per SDK resource, and the wire codecs."""

@@ -1,0 +1,50 @@
+"""Builds the FastAPI app; nothing else lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from treadle import __version__
+from treadle.engine.datum import UserInputError
+from treadle.server.routes import client, futures, sessions, training
+from treadle.service.service import Service
+from treadle.service.training import NotFound
+from treadle.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        # Loading models takes seconds to minutes; keep the loop free meanwhile.
+        service = await asyncio.to_thread(Service.start, settings, loop)
+        app.state.service = service
+        log.info("treadle %s serving %s", __version__, ", ".join(e.name for e in settings.models))
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.stop)
+
+    app = FastAPI(title="treadle", version=__version__, lifespan=lifespan)
+    for module in (client, sessions, training, futures):
+        app.include_router(module.router)
+
+    # Permanent errors are 4xx with a JSON body: the SDK retries 5xx for minutes and
+    # treats an empty 400 as a proxy glitch.
+    @app.exception_handler(UserInputError)
+    async def user_error(request: Request, exc: UserInputError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.args[0]) if exc.args else "not found"}, 404)
+
+    return app

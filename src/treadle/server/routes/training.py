@@ -1,0 +1,156 @@
+"""Training: create_model, get_info, forward(_backward), optim_step, unload_model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict
+
+from treadle.engine.datum import UserInputError
+from treadle.engine.train import AdamParams
+from treadle.server import wire
+from treadle.server.deps import ServiceDep
+
+router = APIRouter(prefix="/api/v1")
+
+
+class _Lenient(BaseModel):
+    # Old SDKs send explicit nulls and omit defaults; new ones may add fields.
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class LoraConfig(_Lenient):
+    rank: int = 32
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class OptimizerConfig(_Lenient):
+    type: str = "adamw"
+
+
+class CreateModelRequest(_Lenient):
+    session_id: str
+    model_seq_id: int = 0
+    base_model: str
+    lora_config: LoraConfig | None = None
+    optimizer_config: OptimizerConfig | None = None
+    user_metadata: dict[str, Any] | None = None
+
+
+class ModelRequest(_Lenient):
+    model_id: str
+
+
+class OptimParams(_Lenient):
+    type: str = "adamw"
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+class OptimStepRequest(_Lenient):
+    model_id: str
+    seq_id: int | None = None
+    # The SDK names the field by optimizer family; all three spellings mean the same.
+    adam_params: OptimParams | None = None
+    optim_params: OptimParams | None = None
+    optimizer_params: OptimParams | None = None
+
+
+def _future(request_id: str, model_id: str) -> dict[str, str]:
+    return {"request_id": request_id, "model_id": model_id}
+
+
+@router.post("/create_model")
+async def create_model(body: CreateModelRequest, service: ServiceDep) -> dict[str, str]:
+    lora = body.lora_config or LoraConfig()
+    request_id, model_id = service.training.create_model(
+        session_id=body.session_id,
+        model_seq_id=body.model_seq_id,
+        base_model=body.base_model,
+        rank=lora.rank,
+        seed=lora.seed,
+        train_attn=lora.train_attn,
+        train_mlp=lora.train_mlp,
+        train_unembed=lora.train_unembed,
+        optimizer=(body.optimizer_config or OptimizerConfig()).type,
+        user_metadata=body.user_metadata or {},
+    )
+    return _future(request_id, model_id)
+
+
+@router.post("/get_info")
+async def get_info(body: ModelRequest, service: ServiceDep) -> dict[str, Any]:
+    return service.training.get_info(body.model_id)
+
+
+@router.post("/forward_backward")
+async def forward_backward(request: Request, service: ServiceDep) -> dict[str, str]:
+    body = await request.body()
+    if wire.PROTOBUF in request.headers.get("content-type", ""):
+        call = wire.decode_forward_backward_proto(body, request.headers.get("content-encoding"))
+    else:
+        call = wire.decode_forward_backward_json(_json(body), "forward_backward_input")
+    return _submit(call, service)
+
+
+@router.post("/forward")
+async def forward(request: Request, service: ServiceDep) -> dict[str, str]:
+    """``TrainingClient.forward`` of SDKs up to 0.24 (JSON); newer ones use
+    ``forward_backward`` with ``forward_only``."""
+    call = wire.decode_forward_backward_json(_json(await request.body()), "forward_input")
+    return _submit(call, service)
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        parsed = json.loads(body)
+    except ValueError as exc:
+        raise UserInputError(f"body is not JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise UserInputError("body must be a JSON object")
+    return parsed
+
+
+def _submit(call: wire.ForwardBackwardCall, service: ServiceDep) -> dict[str, str]:
+    request_id = service.training.forward_backward(
+        call.model_id,
+        call.seq_id,
+        call.data,
+        call.loss_fn,
+        call.loss_fn_config,
+        call.forward_only,
+    )
+    return _future(request_id, call.model_id)
+
+
+@router.post("/optim_step")
+async def optim_step(body: OptimStepRequest, service: ServiceDep) -> dict[str, str]:
+    params = body.adam_params or body.optim_params or body.optimizer_params or OptimParams()
+    if params.type != "adamw":
+        raise UserInputError(
+            f"optimizer {params.type!r} is not supported by treadle; use AdamParams"
+        )
+    adam = AdamParams(
+        learning_rate=params.learning_rate,
+        beta1=params.beta1,
+        beta2=params.beta2,
+        eps=params.eps,
+        weight_decay=params.weight_decay,
+        grad_clip_norm=params.grad_clip_norm,
+    )
+    request_id = service.training.optim_step(body.model_id, body.seq_id, adam)
+    return _future(request_id, body.model_id)
+
+
+@router.post("/unload_model")
+async def unload_model(body: ModelRequest, service: ServiceDep) -> dict[str, str]:
+    return _future(service.training.unload(body.model_id), body.model_id)

@@ -1,0 +1,225 @@
+"""Bytes on the wire <-> treadle's own types.
+
+``forward_backward`` arrives as the SDK's protobuf ``ForwardBackwardRequest`` (optionally
+zstd-compressed) from SDK 0.25 on, and as JSON from older SDKs; its result goes back as
+protobuf ``ForwardBackwardOutput`` when the poll's ``Accept`` asks for it, else as JSON.
+The protobuf module is the SDK's own, so the layout matches it by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zstandard
+from tinker.proto import tinker_public_pb2 as pb
+
+from treadle.engine.datum import Datum, UserInputError
+from treadle.service.training import ForwardBackwardResult
+
+PROTOBUF = "application/x-protobuf"
+
+# Largest decompressed forward_backward body we accept; the SDK chunks at ~5 MB.
+MAX_BODY_BYTES = 512 * 1024 * 1024
+
+_INT_KEYS = frozenset({"target_tokens"})
+
+
+@dataclass
+class ForwardBackwardCall:
+    model_id: str
+    seq_id: int | None
+    data: list[Datum]
+    loss_fn: str
+    loss_fn_config: dict[str, float | str]
+    forward_only: bool
+
+
+def decode_forward_backward_proto(body: bytes, content_encoding: str | None) -> ForwardBackwardCall:
+    if content_encoding and "zstd" in content_encoding.lower():
+        try:
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BODY_BYTES)
+        except zstandard.ZstdError as exc:
+            raise UserInputError(f"body is not valid zstd: {exc}") from exc
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-ish errors
+        raise UserInputError(f"body is not a ForwardBackwardRequest protobuf: {exc}") from exc
+    config: dict[str, float | str] = dict(msg.loss_fn_config)
+    for key, value in msg.loss_fn_config_v2.items():
+        config[key] = value.text if value.WhichOneof("value") == "text" else value.number
+    return ForwardBackwardCall(
+        model_id=msg.model_id,
+        seq_id=msg.seq_id,
+        data=[_proto_datum(i, d) for i, d in enumerate(msg.data)],
+        loss_fn=msg.loss_fn,
+        loss_fn_config=config,
+        forward_only=msg.forward_only,
+    )
+
+
+def _proto_datum(index: int, msg: pb.Datum) -> Datum:
+    tokens: list[np.ndarray] = []
+    for chunk in msg.model_input:
+        kind = chunk.WhichOneof("chunk")
+        if kind != "encoded_text":
+            raise UserInputError(
+                f"datum {index}: model_input has a {kind} chunk; treadle serves text-only"
+                " models, so send encoded_text chunks only"
+            )
+        tokens.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4"))
+    inputs = {key: _proto_tensor(index, key, t) for key, t in msg.loss_fn_inputs.items()}
+    return Datum(_concat_tokens(tokens), inputs)
+
+
+_PROTO_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+}
+
+
+def _proto_tensor(index: int, key: str, msg: pb.Tensor) -> np.ndarray:
+    if msg.dtype == pb.DTYPE_BFLOAT16:
+        raw = msg.sparse_csr.values if msg.HasField("sparse_csr") else msg.dense
+        widened = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        values = widened
+    elif msg.dtype in _PROTO_DTYPES:
+        raw = msg.sparse_csr.values if msg.HasField("sparse_csr") else msg.dense
+        values = np.frombuffer(raw, dtype=_PROTO_DTYPES[msg.dtype])
+    else:
+        raise UserInputError(f"datum {index}: loss_fn_inputs[{key!r}] has an unknown dtype")
+    crow = col = None
+    if msg.HasField("sparse_csr"):
+        crow = np.frombuffer(msg.sparse_csr.crow_indices, dtype="<i8")
+        col = np.frombuffer(msg.sparse_csr.col_indices, dtype="<i8")
+    return _tensor(index, key, values, list(msg.shape), crow, col)
+
+
+def _tensor(
+    index: int,
+    key: str,
+    values: np.ndarray,
+    shape: list[int],
+    crow: np.ndarray | None,
+    col: np.ndarray | None,
+) -> np.ndarray:
+    """A dense array of the dtype the losses use (int64 targets, float32 otherwise)."""
+    dtype = np.int64 if key in _INT_KEYS else np.float32
+    where = f"datum {index}: loss_fn_inputs[{key!r}]"
+    if crow is not None and col is not None:
+        if len(shape) != 2:
+            raise UserInputError(f"{where} is sparse CSR but its shape {shape} is not 2-D")
+        rows, cols = shape
+        if crow.shape[0] != rows + 1 or col.shape[0] != values.shape[0]:
+            raise UserInputError(f"{where}: CSR indices do not match its values and shape")
+        if col.size and (col.min() < 0 or col.max() >= cols):
+            raise UserInputError(f"{where}: CSR column index out of range for shape {shape}")
+        dense = np.zeros((rows, cols), dtype=dtype)
+        row_of = np.repeat(np.arange(rows), np.diff(crow))
+        dense[row_of, col] = values
+        return dense
+    if shape:
+        if int(np.prod(shape)) != values.size:
+            raise UserInputError(
+                f"{where} has {values.size} values but its shape is {shape}; make them agree"
+            )
+        return values.astype(dtype).reshape(shape)
+    return values.astype(dtype)
+
+
+def _concat_tokens(parts: list[np.ndarray]) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate(parts).astype(np.int64)
+
+
+def decode_forward_backward_json(body: Mapping[str, Any], input_key: str) -> ForwardBackwardCall:
+    """SDKs up to 0.24: ``{"forward_backward_input"|"forward_input": {data, loss_fn,
+    loss_fn_config}, "model_id", "seq_id"}``; tensors as ``{"data", "dtype", "shape"}``."""
+    try:
+        call_input = body[input_key]
+        model_id = body["model_id"]
+        data = [_json_datum(i, d) for i, d in enumerate(call_input["data"])]
+    except (KeyError, TypeError) as exc:
+        raise UserInputError(f"malformed {input_key} body: missing {exc}") from exc
+    config = call_input.get("loss_fn_config") or {}
+    return ForwardBackwardCall(
+        model_id=model_id,
+        seq_id=body.get("seq_id"),
+        data=data,
+        loss_fn=call_input.get("loss_fn", "cross_entropy"),
+        loss_fn_config=dict(config),
+        forward_only=input_key == "forward_input",
+    )
+
+
+def _json_datum(index: int, datum: Mapping[str, Any]) -> Datum:
+    tokens: list[np.ndarray] = []
+    for chunk in datum["model_input"]["chunks"]:
+        kind = chunk.get("type", "encoded_text")
+        if kind != "encoded_text":
+            raise UserInputError(
+                f"datum {index}: model_input has a {kind} chunk; send encoded_text chunks only"
+            )
+        tokens.append(np.asarray(chunk["tokens"], dtype=np.int64))
+    inputs = {}
+    for key, tensor in (datum.get("loss_fn_inputs") or {}).items():
+        crow = tensor.get("sparse_crow_indices")
+        col = tensor.get("sparse_col_indices")
+        inputs[key] = _tensor(
+            index,
+            key,
+            np.asarray(tensor["data"]),
+            list(tensor.get("shape") or []),
+            None if crow is None else np.asarray(crow, dtype=np.int64),
+            None if col is None else np.asarray(col, dtype=np.int64),
+        )
+    return Datum(_concat_tokens(tokens), inputs)
+
+
+def encode_forward_backward_proto(result: ForwardBackwardResult) -> bytes:
+    out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
+    for group in _same_trailing_shape(result.logprobs):
+        record = out.loss_fn_outputs.add()
+        record.num_datums = len(group)
+        field = record.fields["logprobs"]
+        field.dtype = pb.DTYPE_FLOAT32
+        field.trailing_shape.extend(group[0].shape[1:])
+        arrays = [np.ascontiguousarray(a, dtype="<f4") for a in group]
+        field.data = b"".join(a.tobytes() for a in arrays)
+        field.offsets = np.cumsum([0] + [a.nbytes for a in arrays], dtype="<i8").tobytes()
+    for key, value in result.metrics.items():
+        out.metrics[key] = value
+    return out.SerializeToString()
+
+
+def _same_trailing_shape(arrays: Iterable[np.ndarray]) -> list[list[np.ndarray]]:
+    """Consecutive datums with the same per-token shape share one ArrayRecord."""
+    groups: list[list[np.ndarray]] = []
+    for array in arrays:
+        if groups and groups[-1][0].shape[1:] == array.shape[1:]:
+            groups[-1].append(array)
+        else:
+            groups.append([array])
+    return groups
+
+
+def encode_forward_backward_json(result: ForwardBackwardResult) -> dict[str, Any]:
+    return {
+        "loss_fn_output_type": "ArrayRecord",
+        "loss_fn_outputs": [
+            {
+                "logprobs": {
+                    "data": a.reshape(-1).tolist(),
+                    "dtype": "float32",
+                    "shape": list(a.shape),
+                }
+            }
+            for a in result.logprobs
+        ],
+        "metrics": result.metrics,
+    }

@@ -1,0 +1,100 @@
+"""The future table: every asynchronous Tinker call returns a request id at once, and its
+result is fetched by long-polling ``retrieve_future``.
+
+Futures live in memory only — the hot path (submit, resolve, poll) touches no database.
+Results are resolved from engine threads and awaited on the event loop; a finished result
+is kept for ``retention`` seconds because the SDK may poll again after a transport error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request that failed; ``category`` is Tinker's: ``user`` (fix the input),
+    ``server`` or ``unknown``."""
+
+    message: str
+    category: str = "user"
+
+
+@dataclass
+class _Entry:
+    kind: str
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    value: Any = None
+    finished_at: float | None = None
+
+
+class UnknownFuture(KeyError):
+    pass
+
+
+class FutureStore:
+    """Request ids to results. Create and wait on the event loop; resolve from anywhere."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, retention: float = 3600.0) -> None:
+        self._loop = loop
+        self._retention = retention
+        self._entries: dict[str, _Entry] = {}
+        self._prefix = uuid.uuid4().hex[:8]
+        self._counter = itertools.count(1)
+        self._pruned_at = time.monotonic()
+
+    def create(self, kind: str) -> str:
+        now = time.monotonic()
+        if now - self._pruned_at > 60:
+            self._prune(now)
+        request_id = f"req-{self._prefix}-{next(self._counter)}"
+        self._entries[request_id] = _Entry(kind)
+        return request_id
+
+    def resolve(self, request_id: str, value: Any) -> None:
+        """Set the result (a :class:`Failure` for errors). Safe from any thread."""
+        self._loop.call_soon_threadsafe(self._set, request_id, value)
+
+    def _set(self, request_id: str, value: Any) -> None:
+        entry = self._entries.get(request_id)
+        if entry is None or entry.done.is_set():
+            return
+        entry.value = value
+        entry.finished_at = time.monotonic()
+        entry.done.set()
+
+    def kind(self, request_id: str) -> str:
+        entry = self._entries.get(request_id)
+        if entry is None:
+            raise UnknownFuture(request_id)
+        return entry.kind
+
+    async def wait(self, request_id: str, timeout: float) -> tuple[bool, Any]:
+        """``(True, result)`` once done, or ``(False, None)`` after ``timeout`` seconds."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            raise UnknownFuture(request_id)
+        try:
+            await asyncio.wait_for(entry.done.wait(), timeout)
+        except TimeoutError:
+            return False, None
+        return True, entry.value
+
+    def pending(self) -> int:
+        return sum(1 for entry in self._entries.values() if not entry.done.is_set())
+
+    def _prune(self, now: float) -> None:
+        self._pruned_at = now
+        horizon = now - self._retention
+        stale = [
+            request_id
+            for request_id, entry in self._entries.items()
+            if entry.finished_at is not None and entry.finished_at < horizon
+        ]
+        for request_id in stale:
+            del self._entries[request_id]

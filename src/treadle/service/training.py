@@ -1,0 +1,292 @@
+"""Training models: ``create_model``, ``forward_backward``, ``optim_step`` and friends.
+
+Requests are checked here, before they are queued, so a bad one becomes a failed future
+(category ``user``) that never touches model state; good ones go to the base model's
+:class:`~treadle.service.scheduler.Scheduler` and run on its engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from treadle.engine.datum import (
+    Datum,
+    UserInputError,
+    check_data,
+    loss_spec,
+    resolve_config,
+)
+from treadle.engine.lora import LoraSpec, new_adapter
+from treadle.engine.models import BaseModel
+from treadle.engine.train import (
+    AdamParams,
+    ForwardBackwardOutcome,
+    ForwardBackwardWork,
+    LoraModel,
+    forward_backward,
+    optim_step,
+)
+from treadle.service.futures import Failure, FutureStore
+from treadle.service.scheduler import Op, PackedRunner, Scheduler
+from treadle.service.store import Store, TrainingRunRow
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(LookupError):
+    """An id the server does not know; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ForwardBackwardResult:
+    """What ``forward``/``forward_backward`` return: per-datum target logprobs and metrics
+    (``name:reduction`` keys, as the SDK requires)."""
+
+    logprobs: list[Any]  # numpy float32 arrays, one per datum
+    metrics: dict[str, float]
+
+
+@dataclass
+class Engine:
+    """One base model and the scheduler/thread that runs all work on it."""
+
+    base: BaseModel
+    scheduler: Scheduler
+
+
+@dataclass
+class TrainingRun:
+    model_id: str
+    session_id: str
+    base_model: str
+    spec: LoraSpec
+    model: LoraModel | None = None  # set on the engine thread by create_model
+    created_at: float = field(default_factory=time.time)
+
+
+class Training:
+    def __init__(
+        self,
+        engines: Mapping[str, Engine],
+        futures: FutureStore,
+        store: Store,
+        max_lora_rank: int,
+    ) -> None:
+        self.engines = engines
+        self._futures = futures
+        self._store = store
+        self._max_rank = max_lora_rank
+        self._runs: dict[str, TrainingRun] = {}
+        self._creates: dict[str, str] = {}  # model_id -> request id of its create_model
+
+    def engine(self, base_model: str) -> Engine:
+        engine = self.engines.get(base_model)
+        if engine is None:
+            raise UserInputError(
+                f"base model {base_model!r} is not served here; served models:"
+                f" {', '.join(self.engines)}"
+            )
+        return engine
+
+    def run(self, model_id: str) -> TrainingRun:
+        run = self._runs.get(model_id)
+        if run is not None:
+            return run
+        if self._store.training_run(model_id) is not None:
+            raise NotFound(
+                f"model {model_id} was lost when the server restarted (adapters live in"
+                " memory until saved); create a new one, or load it from a checkpoint"
+            )
+        raise NotFound(f"unknown model_id {model_id!r}; create it with create_model first")
+
+    def create_model(
+        self,
+        session_id: str,
+        model_seq_id: int,
+        base_model: str,
+        rank: int,
+        seed: int | None,
+        train_attn: bool,
+        train_mlp: bool,
+        train_unembed: bool,
+        optimizer: str,
+        user_metadata: dict[str, Any],
+    ) -> tuple[str, str]:
+        """Returns ``(request_id, model_id)``; the adapter is built on the engine thread."""
+        model_id = f"{session_id}:train:{model_seq_id}"
+        if model_id in self._creates:
+            return self._creates[model_id], model_id
+        try:
+            engine = self._check_create(session_id, base_model, rank, optimizer)
+            if not (train_attn or train_mlp or train_unembed):
+                raise UserInputError("set at least one of train_attn, train_mlp, train_unembed")
+        except UserInputError as exc:
+            request_id = self._futures.create("create_model")
+            self._futures.resolve(request_id, Failure(str(exc)))
+            return request_id, model_id
+        spec = LoraSpec(
+            rank, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed
+        )
+        run = TrainingRun(model_id, session_id, base_model, spec)
+        self._runs[model_id] = run
+        self._store.add_training_run(
+            TrainingRunRow(
+                model_id=model_id,
+                session_id=session_id,
+                base_model=base_model,
+                lora_rank=rank,
+                train_attn=train_attn,
+                train_mlp=train_mlp,
+                train_unembed=train_unembed,
+                seed=seed,
+                user_metadata=user_metadata,
+                created_at=run.created_at,
+                last_request_time=run.created_at,
+            )
+        )
+
+        def build() -> dict[str, str]:
+            adapter = new_adapter(spec, engine.base.layers, seed)
+            run.model = LoraModel.create(adapter)
+            return {"model_id": model_id, "type": "create_model"}
+
+        request_id = engine.scheduler.submit(
+            model_id, None, "create_model", lambda rid: Op(rid, call=build)
+        )
+        engine.scheduler.start_order(model_id, 1)
+        self._creates[model_id] = request_id
+        return request_id, model_id
+
+    def _check_create(self, session_id: str, base_model: str, rank: int, optimizer: str) -> Engine:
+        if not self._store.has_session(session_id):
+            raise UserInputError(f"unknown session {session_id!r}; call create_session first")
+        engine = self.engine(base_model)
+        if not 1 <= rank <= self._max_rank:
+            raise UserInputError(f"LoRA rank must be between 1 and {self._max_rank}, got {rank}")
+        if optimizer != "adamw":
+            raise UserInputError(
+                f"optimizer {optimizer!r} is not supported by treadle; use AdamW (the default)"
+            )
+        return engine
+
+    def get_info(self, model_id: str) -> dict[str, Any]:
+        run = self.run(model_id)
+        base = self.engines[run.base_model].base
+        return {
+            "type": "get_info",
+            "model_id": model_id,
+            "model_data": {
+                "arch": base.arch,
+                "model_name": run.base_model,
+                # A local folder: the client loads the tokenizer offline from it.
+                "tokenizer_id": str(base.tokenizer_dir),
+            },
+            "is_lora": True,
+            "lora_rank": run.spec.rank,
+            "model_name": run.base_model,
+            "optimizer_config": {"type": "adamw"},
+        }
+
+    def forward_backward(
+        self,
+        model_id: str,
+        seq_id: int | None,
+        data: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, float | str],
+        forward_only: bool,
+    ) -> str:
+        run = self.run(model_id)
+        engine = self.engines[run.base_model]
+        kind = "forward" if forward_only else "forward_backward"
+
+        def make_op(request_id: str) -> Op:
+            try:
+                spec = loss_spec(loss_fn)
+                config = resolve_config(spec, loss_fn, loss_fn_config)
+                check_data(data, spec, loss_fn, engine.base.vocab_size, engine.base.max_context)
+            except UserInputError as exc:
+                return Op(request_id, failure=Failure(str(exc)))
+            return Op(
+                request_id,
+                work=lambda: ForwardBackwardWork(_built(run), data, spec, config, forward_only),
+            )
+
+        return engine.scheduler.submit(model_id, seq_id, kind, make_op)
+
+    def optim_step(self, model_id: str, seq_id: int | None, params: AdamParams) -> str:
+        run = self.run(model_id)
+        engine = self.engines[run.base_model]
+
+        def step() -> dict[str, Any]:
+            model = _built(run)
+            if model.pending_datums == 0:
+                raise UserInputError(
+                    "optim_step with no gradients: call forward_backward since the last"
+                    " optim_step first (forward() computes no gradients)"
+                )
+            metrics = optim_step(model, params)
+            return {"type": "optim_step", "metrics": metrics}
+
+        def make_op(request_id: str) -> Op:
+            bad = _check_adam(params)
+            if bad:
+                return Op(request_id, failure=Failure(bad))
+            return Op(request_id, call=step)
+
+        request_id = engine.scheduler.submit(model_id, seq_id, "optim_step", make_op)
+        self._store.touch_training_run(model_id)
+        return request_id
+
+    def unload(self, model_id: str) -> str:
+        run = self.run(model_id)
+        engine = self.engines[run.base_model]
+
+        def drop() -> dict[str, str]:
+            self._runs.pop(model_id, None)
+            engine.scheduler.forget(model_id)
+            return {"model_id": model_id, "type": "unload_model"}
+
+        return engine.scheduler.submit(model_id, None, "unload_model", lambda r: Op(r, call=drop))
+
+    def runs_of(self, session_id: str) -> list[str]:
+        return [run.model_id for run in self._runs.values() if run.session_id == session_id]
+
+
+def _built(run: TrainingRun) -> LoraModel:
+    if run.model is None:
+        raise UserInputError(f"model {run.model_id} failed to be created")
+    return run.model
+
+
+def _check_adam(params: AdamParams) -> str | None:
+    values = (params.learning_rate, params.beta1, params.beta2, params.eps, params.weight_decay)
+    if not all(v == v and abs(v) != float("inf") for v in (*values, params.grad_clip_norm)):
+        return "AdamParams must be finite numbers"
+    if params.learning_rate < 0:
+        return f"learning_rate must be >= 0, got {params.learning_rate}"
+    if not (0 <= params.beta1 < 1 and 0 <= params.beta2 < 1):
+        return f"beta1 and beta2 must be in [0, 1), got {params.beta1}, {params.beta2}"
+    if params.eps < 0 or params.weight_decay < 0 or params.grad_clip_norm < 0:
+        return "eps, weight_decay and grad_clip_norm must be >= 0"
+    return None
+
+
+def packed_runner(base: BaseModel, max_tokens_per_pass: int) -> PackedRunner:
+    """The scheduler's hook into the engine: run a cycle's packed forward/backward."""
+
+    def run(works: list[ForwardBackwardWork], cycle: int) -> list[ForwardBackwardOutcome]:
+        return forward_backward(base, works, max_tokens_per_pass)
+
+    return run
+
+
+def result_of(outcome: ForwardBackwardOutcome, cycle: int) -> ForwardBackwardResult:
+    return ForwardBackwardResult(
+        logprobs=outcome.logprobs,
+        metrics={"loss:sum": outcome.loss, "clock_cycle:unique": float(cycle)},
+    )
