@@ -22,11 +22,13 @@ Inputs = Mapping[str, Tensor]
 Config = Mapping[str, float]
 
 
-def _clip_bounds(inputs: Inputs, config: Config) -> tuple[Tensor | float, Tensor | float]:
-    """Ratio bounds: per-token tensors in ``loss_fn_inputs`` win over the scalar config."""
+def _clip(ratio: Tensor, inputs: Inputs, config: Config) -> Tensor:
+    """``clip(ratio, lo, hi)``; per-token bounds in ``loss_fn_inputs`` win over the config."""
     lo = inputs.get("clip_low_threshold", config["clip_low_threshold"])
     hi = inputs.get("clip_high_threshold", config["clip_high_threshold"])
-    return lo, hi
+    lo_t = torch.as_tensor(lo, dtype=ratio.dtype, device=ratio.device)
+    hi_t = torch.as_tensor(hi, dtype=ratio.dtype, device=ratio.device)
+    return torch.clamp(ratio, lo_t, hi_t)
 
 
 def cross_entropy(lp: Tensor, inputs: Inputs, config: Config) -> Tensor:
@@ -46,19 +48,17 @@ def importance_sampling(lp: Tensor, inputs: Inputs, config: Config) -> Tensor:
 
 def ppo(lp: Tensor, inputs: Inputs, config: Config) -> Tensor:
     """``loss = -Σ_t min(r_t A_t, clip(r_t, lo, hi) A_t)``, ``r_t = exp(log p - log q)``."""
-    lo, hi = _clip_bounds(inputs, config)
     adv = inputs["advantages"]
     ratio = torch.exp(lp - inputs["logprobs"])
-    clipped = torch.clamp(ratio, lo, hi)  # type: ignore[arg-type]
+    clipped = _clip(ratio, inputs, config)
     return -torch.min(ratio * adv, clipped * adv).sum()
 
 
 def cispo(lp: Tensor, inputs: Inputs, config: Config) -> Tensor:
     """``loss = -Σ_t sg[clip(r_t, lo, hi)] · log p(x_t) · A_t``: the clipped ratio only
     weights the log-likelihood gradient, so no token's gradient is ever zeroed."""
-    lo, hi = _clip_bounds(inputs, config)
     ratio = torch.exp(lp - inputs["logprobs"])
-    weight = torch.clamp(ratio, lo, hi).detach()  # type: ignore[arg-type]
+    weight = _clip(ratio, inputs, config).detach()
     return -(weight * lp * inputs["advantages"]).sum()
 
 
@@ -74,12 +74,11 @@ def gspo(lp: Tensor, inputs: Inputs, config: Config) -> Tensor:
     """GSPO-token: every token carries the sequence ratio
     ``s = exp(mean_{t∈M}(log p - log q))`` (``M`` = ``sequence_ratio_mask != 0``) but the
     gradient of its own log-probability; then PPO's clipped objective, summed."""
-    lo, hi = _clip_bounds(inputs, config)
     in_ratio = inputs["sequence_ratio_mask"] != 0
     log_ratio = (lp.detach() - inputs["logprobs"])[in_ratio].mean()
     ratio = torch.exp(log_ratio + lp - lp.detach())
     adv = inputs["advantages"]
-    clipped = torch.clamp(ratio, lo, hi)  # type: ignore[arg-type]
+    clipped = _clip(ratio, inputs, config)
     return -torch.min(ratio * adv, clipped * adv).sum()
 
 

@@ -102,7 +102,8 @@ def load_base_model(
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, attn_implementation=SEGMENT_ATTENTION
     )
-    model = model.to(torch_device)
+    # nn.Module.to rather than PreTrainedModel.to, whose typing confuses mypy.
+    nn.Module.to(model, torch_device)
     model.eval().requires_grad_(False)
     layers = wrap_linears(model)
     log.info("loaded %s from %s in %.1fs", name, folder, time.perf_counter() - started)
