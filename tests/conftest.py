@@ -33,7 +33,10 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
 ) -> Iterator[Server]:
     """One treadle process serving both tiny models for the whole session."""
-    srv = Server(tiny_models, tmp_path_factory.mktemp("data") / "treadle")
+    # A short long-poll, so every future in the suite also goes through try_again re-polls.
+    srv = Server(
+        tiny_models, tmp_path_factory.mktemp("data") / "treadle", ["--long-poll-seconds", "2"]
+    )
     yield srv
     srv.stop()
 

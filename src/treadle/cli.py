@@ -58,6 +58,13 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         " (default %(default)s)",
     )
     parser.add_argument(
+        "--long-poll-seconds",
+        type=float,
+        default=defaults.long_poll_seconds,
+        help="how long retrieve_future holds a poll before answering try_again; keep it"
+        " under the SDK's 45 s read timeout (default %(default)s)",
+    )
+    parser.add_argument(
         "--log-level", default="info", help="debug, info, warning (default %(default)s)"
     )
 
@@ -70,6 +77,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         models=tuple(args.models) if args.models else (EMBEDDED_DEFAULT,),
         device=args.device,
         max_tokens_per_pass=args.max_tokens_per_pass,
+        long_poll_seconds=args.long_poll_seconds,
     )
 
 
