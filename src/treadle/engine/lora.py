@@ -105,11 +105,13 @@ def new_adapter(spec: LoraSpec, layers: dict[str, LoraLinear], seed: int | None 
 @dataclass(frozen=True)
 class Span:
     """Rows ``[start, stop)`` of a pass (flattened over batch and time) and their adapter
-    (None: the base model alone)."""
+    (None: the base model alone). ``rows`` (int64 indices) names scattered rows instead —
+    a decode batch mixes adapters in whatever order its sequences sit in the KV cache."""
 
     adapter: Adapter | None
-    start: int
-    stop: int
+    start: int = 0
+    stop: int = 0
+    rows: Tensor | None = None
 
 
 _ROUTING: contextvars.ContextVar[Sequence[Span] | None] = contextvars.ContextVar(
@@ -141,6 +143,8 @@ class LoraLinear(nn.Module):
         spans = _ROUTING.get()
         if not spans:
             return y
+        if any(span.rows is not None for span in spans):
+            return self._add_gathered(x, y, spans)
         if len(spans) == 1:
             only = spans[0].adapter
             delta = only.delta(self.path, x) if only is not None else None
@@ -160,6 +164,25 @@ class LoraLinear(nn.Module):
         if not adapted:
             return y
         return y + torch.cat(parts).reshape(y.shape)
+
+    def _add_gathered(self, x: Tensor, y: Tensor, spans: Sequence[Span]) -> Tensor:
+        """Add each span's delta into its rows of ``y`` in place: one gather, one low-rank
+        matmul pair and one scatter per adapter. Spans need not cover every row (rows of
+        the base model alone need nothing); used by inference passes only."""
+        rows = x.reshape(-1, x.shape[-1])
+        out = y.view(-1, y.shape[-1])
+        for span in spans:
+            if span.adapter is None:
+                continue
+            if span.rows is None:
+                delta = span.adapter.delta(self.path, rows[span.start : span.stop])
+                if delta is not None:
+                    out[span.start : span.stop] += delta
+            else:
+                delta = span.adapter.delta(self.path, rows.index_select(0, span.rows))
+                if delta is not None:
+                    out.index_add_(0, span.rows, delta)
+        return y
 
 
 def wrap_linears(model: nn.Module) -> dict[str, LoraLinear]:

@@ -1,0 +1,198 @@
+"""Every bad input gets a user error that says what to change; the server keeps serving
+and the model's state is untouched (same logprobs, no gradient accumulated)."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+from tinker import types
+
+from tests.conftest import API_KEY, QWEN
+from tests.fixtures.server import Server
+
+PROBE = [9, 8, 7, 6, 5, 4]
+
+
+def _datum(tokens: list[int], **inputs) -> types.Datum:
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], **inputs},
+    )
+
+
+def _probe(tc: tinker.TrainingClient) -> np.ndarray:
+    return (
+        tc.forward([_datum(PROBE)], "cross_entropy")
+        .result()
+        .loss_fn_outputs[0]["logprobs"]
+        .to_numpy()
+    )
+
+
+@pytest.fixture(scope="module")
+def victim(server: Server):
+    """A model that was trained one step, so its state is not just the base model."""
+    client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    tc = client.create_lora_training_client(base_model=QWEN, rank=4).result()
+    tc.forward_backward([_datum([1, 2, 3, 4, 5], weights=[1.0] * 4)], "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=0.05)).result()
+    before = _probe(tc)
+    yield tc
+    # After every rejected request: same outputs, and no gradient slipped in.
+    np.testing.assert_array_equal(_probe(tc), before)
+    with pytest.raises(tinker.RequestFailedError, match="no gradients"):
+        tc.optim_step(types.AdamParams()).result()
+    tc.forward_backward([_datum([1, 2, 3], weights=[1.0, 1.0])], "cross_entropy").result()
+    assert tc.optim_step(types.AdamParams()).result().metrics["grad_norm:mean"] > 0
+    client.close("success")
+
+
+def _fails(future, *hints: str) -> None:
+    with pytest.raises(tinker.RequestFailedError) as info:
+        future.result()
+    assert info.value.category == "user"
+    for hint in hints:
+        assert hint in str(info.value), str(info.value)
+
+
+N = len(PROBE) - 1
+CASES = {
+    "token outside vocabulary": (
+        [_datum([1, 2, 100_000, 3], weights=[1.0] * 3)],
+        "cross_entropy",
+        ("token id 100000", "vocabulary"),
+    ),
+    "target outside vocabulary": (
+        [
+            types.Datum(
+                model_input=types.ModelInput.from_ints([1, 2]),
+                loss_fn_inputs={"target_tokens": [2, 5000], "weights": [1.0, 1.0]},
+            )
+        ],
+        "cross_entropy",
+        ("token id 5000",),
+    ),
+    "longer than context": (
+        [_datum(list(range(1, 200)) * 3 + [1], weights=[1.0] * 597)],
+        "cross_entropy",
+        ("597 tokens", "context is 512"),
+    ),
+    "weights too short": (
+        [_datum(PROBE, weights=[1.0] * (N - 1))],
+        "cross_entropy",
+        ("'weights'", f"({N - 1},)", f"({N},)"),
+    ),
+    "targets too long": (
+        [
+            types.Datum(
+                model_input=types.ModelInput.from_ints(PROBE[:-1]),
+                loss_fn_inputs={"target_tokens": PROBE, "weights": [1.0] * (N + 1)},
+            )
+        ],
+        "cross_entropy",
+        ("target_tokens has shape",),
+    ),
+    "advantages wrong length": (
+        [_datum(PROBE, logprobs=[-1.0] * N, advantages=[1.0] * (N + 2))],
+        "importance_sampling",
+        ("'advantages'",),
+    ),
+    "missing advantages": (
+        [_datum(PROBE, logprobs=[-1.0] * N)],
+        "ppo",
+        ("lacks advantages", "ppo requires"),
+    ),
+    "missing sampler logprobs": (
+        [_datum(PROBE, advantages=[1.0] * N)],
+        "importance_sampling",
+        ("lacks logprobs",),
+    ),
+    "nan advantage": (
+        [_datum(PROBE, logprobs=[-1.0] * N, advantages=[1.0, math.nan] + [0.0] * (N - 2))],
+        "importance_sampling",
+        ("NaN or infinity", "'advantages'"),
+    ),
+    "infinite weight": (
+        [_datum(PROBE, weights=[1.0, math.inf] + [0.0] * (N - 2))],
+        "cross_entropy",
+        ("NaN or infinity", "'weights'"),
+    ),
+    "gspo with empty ratio mask": (
+        [_datum(PROBE, logprobs=[-1.0] * N, advantages=[1.0] * N, sequence_ratio_mask=[0.0] * N)],
+        "gspo",
+        ("sequence_ratio_mask",),
+    ),
+    "unknown loss": (
+        [_datum(PROBE, weights=[1.0] * N)],
+        "stable_reinforce",
+        ("not supported", "cross_entropy", "importance_sampling", "ppo", "cispo", "dro"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_data_is_a_user_error(victim: tinker.TrainingClient, case: str):
+    data, loss_fn, hints = CASES[case]
+    _fails(victim.forward_backward(data, loss_fn), *hints)
+
+
+def test_unknown_loss_config_key(victim: tinker.TrainingClient):
+    data = [_datum(PROBE, logprobs=[-1.0] * N, advantages=[1.0] * N)]
+    _fails(victim.forward_backward(data, "ppo", {"clip_low": 0.5}), "clip_low_threshold")
+
+
+def test_bad_adam_params(victim: tinker.TrainingClient):
+    _fails(victim.optim_step(types.AdamParams(learning_rate=-1.0)), "learning_rate")
+    _fails(victim.optim_step(types.AdamParams(beta2=1.5)), "beta")
+
+
+def test_forward_only_then_optim_step_has_no_gradients(victim: tinker.TrainingClient):
+    victim.forward([_datum(PROBE, weights=[1.0] * N)], "cross_entropy").result()
+    _fails(victim.optim_step(types.AdamParams()), "no gradients", "forward_backward")
+
+
+def test_unknown_base_model(server: Server):
+    client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    with pytest.raises(tinker.RequestFailedError, match="not served here.*Qwen/Qwen3-0.6B"):
+        client.create_lora_training_client(base_model="Qwen/Qwen3-999B", rank=4).result()
+
+
+@pytest.mark.parametrize("rank", [0, -3, 100_000])
+def test_bad_rank(server: Server, rank: int):
+    client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    with pytest.raises(tinker.RequestFailedError, match="rank must be between 1 and"):
+        client.create_lora_training_client(base_model=QWEN, rank=rank).result()
+
+
+def test_unknown_model_id_is_a_404_with_a_message(server: Server):
+    http = httpx.Client(base_url=f"{server.url}/api/v1", headers={"X-API-Key": API_KEY})
+    response = http.post(
+        "/optim_step", json={"model_id": "sess-nope:train:0", "seq_id": 1, "adam_params": {}}
+    )
+    assert response.status_code == 404
+    assert "unknown model_id" in response.json()["detail"]
+    response = http.post("/get_info", json={"model_id": "sess-nope:train:0"})
+    assert response.status_code == 404
+    response = http.post("/retrieve_future", json={"request_id": "req-nope"})
+    assert response.status_code == 404 and "unknown request_id" in response.json()["detail"]
+
+
+def test_garbage_bodies_are_400_with_a_message(server: Server):
+    http = httpx.Client(base_url=f"{server.url}/api/v1", headers={"X-API-Key": API_KEY})
+    response = http.post(
+        "/forward_backward",
+        content=b"\xff\x00garbage",
+        headers={"Content-Type": "application/x-protobuf"},
+    )
+    assert response.status_code == 400 and "protobuf" in response.json()["detail"]
+    response = http.post(
+        "/forward_backward", content=b"not json", headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400 and "JSON" in response.json()["detail"]
+    response = http.post("/create_model", json={"session_id": "x"})
+    assert response.status_code == 422 and response.json()["detail"]
+    assert http.get("/healthz").json() == {"status": "ok"}

@@ -1,0 +1,142 @@
+"""Per-model seq_id ordering, de-duplication of retried submits, and a free event loop,
+checked with raw HTTP (the SDK always sends in order) carrying the SDK's own encodings."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import tinker
+from tinker import types
+from tinker.proto.request_conv import forward_backward_request_to_proto
+
+from tests.conftest import API_KEY, QWEN
+from tests.fixtures.server import Server
+
+HEADERS = {"X-API-Key": API_KEY}
+
+
+def _fwdbwd_body(model_id: str, seq_id: int, tokens: list[int], weight: float = 1.0) -> bytes:
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [weight] * (len(tokens) - 1)},
+    )
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn="cross_entropy"),
+        model_id=model_id,
+        seq_id=seq_id,
+    )
+    return forward_backward_request_to_proto(request).SerializeToString()
+
+
+class Raw:
+    def __init__(self, server: Server) -> None:
+        self.http = httpx.Client(base_url=f"{server.url}/api/v1", headers=HEADERS, timeout=60)
+
+    def fwdbwd(self, model_id: str, seq_id: int, tokens: list[int]) -> str:
+        response = self.http.post(
+            "/forward_backward",
+            content=_fwdbwd_body(model_id, seq_id, tokens),
+            headers={"Content-Type": "application/x-protobuf"},
+        )
+        response.raise_for_status()
+        return response.json()["request_id"]
+
+    def optim(self, model_id: str, seq_id: int) -> str:
+        body = {"model_id": model_id, "seq_id": seq_id, "adam_params": {"learning_rate": 0.01}}
+        response = self.http.post("/optim_step", json=body)
+        response.raise_for_status()
+        return response.json()["request_id"]
+
+    def poll(self, request_id: str) -> dict:
+        """One long-poll; the JSON answer (try_again, a failure, or a JSON result)."""
+        response = self.http.post("/retrieve_future", json={"request_id": request_id})
+        response.raise_for_status()
+        return response.json()
+
+    def result(self, request_id: str) -> dict:
+        while True:
+            answer = self.poll(request_id)
+            if answer.get("type") != "try_again":
+                return answer
+
+
+@pytest.fixture()
+def raw(server: Server) -> Raw:
+    return Raw(server)
+
+
+def _model(service_client, seed: int = 1) -> str:
+    tc = service_client.create_lora_training_client(base_model=QWEN, rank=4, seed=seed).result()
+    return tc.model_id
+
+
+TOKENS = [11, 22, 33, 44, 55, 66]
+
+
+def test_requests_run_in_seq_id_order_whatever_the_arrival(service_client, raw: Raw):
+    model_id = _model(service_client)
+    # optim_step (seq 2) arrives before the forward_backward (seq 1) it depends on; run
+    # out of order it would fail for lack of gradients.
+    optim = raw.optim(model_id, 2)
+    fwdbwd = raw.fwdbwd(model_id, 1, TOKENS)
+    assert "error" not in raw.result(fwdbwd)
+    step = raw.result(optim)
+    assert "error" not in step, step
+    assert step["metrics"]["grad_norm:mean"] > 0
+
+
+def test_a_request_waits_for_its_gap_to_fill(service_client, raw: Raw):
+    model_id = _model(service_client)
+    later = raw.fwdbwd(model_id, 2, TOKENS)
+    assert raw.poll(later)["type"] == "try_again"  # seq 1 has not arrived yet
+    first = raw.fwdbwd(model_id, 1, TOKENS)
+    assert "error" not in raw.result(first)
+    assert "error" not in raw.result(later)
+
+
+def test_a_retried_submit_runs_once(service_client, raw: Raw):
+    twice, once = _model(service_client, seed=9), _model(service_client, seed=9)
+    first = raw.fwdbwd(twice, 1, TOKENS)
+    again = raw.fwdbwd(twice, 1, TOKENS)
+    assert again == first
+    raw.fwdbwd(once, 1, TOKENS)
+    g_twice = raw.result(raw.optim(twice, 2))["metrics"]["grad_norm:mean"]
+    g_once = raw.result(raw.optim(once, 2))["metrics"]["grad_norm:mean"]
+    assert g_twice == pytest.approx(g_once, rel=1e-5)
+
+
+def test_a_failed_request_does_not_block_the_next(service_client, raw: Raw):
+    model_id = _model(service_client)
+    bad = raw.fwdbwd(model_id, 1, [1, 100000, 2])  # out of vocabulary
+    assert raw.result(bad)["category"] == "user"
+    assert "error" not in raw.result(raw.fwdbwd(model_id, 2, TOKENS))
+
+
+def test_healthz_answers_while_a_long_forward_backward_runs(
+    service_client, raw: Raw, server: Server
+):
+    """A forward_backward of ~100k tokens keeps the engine busy for seconds. If compute
+    blocked the event loop, /healthz could only be answered once the job had finished,
+    and the poll right after it would return the result instead of try_again."""
+    model_id = _model(service_client)
+    data = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints([(7 * i + t) % 256 for t in range(500)]),
+            loss_fn_inputs={"target_tokens": [(7 * i + t + 1) % 256 for t in range(500)]},
+        )
+        for i in range(200)
+    ]
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn="cross_entropy"),
+        model_id=model_id,
+        seq_id=1,
+    )
+    response = raw.http.post(
+        "/forward_backward",
+        content=forward_backward_request_to_proto(request).SerializeToString(),
+        headers={"Content-Type": "application/x-protobuf"},
+    )
+    request_id = response.json()["request_id"]
+    assert httpx.get(f"{server.url}/api/v1/healthz", timeout=60).json() == {"status": "ok"}
+    assert raw.poll(request_id)["type"] == "try_again"
+    assert "error" not in raw.result(request_id)
