@@ -162,9 +162,9 @@ def segment_attention(
 ) -> tuple[Tensor, None]:
     cache_pass = _CACHE_PASS.get()
     if isinstance(cache_pass, CacheDecode):
-        return _decode_attention(cache_pass, module.layer_idx, query, key, value, scaling), None
+        return _decode_attention(cache_pass, _layer(module), query, key, value, scaling), None
     if isinstance(cache_pass, CachePrefill):
-        _store_prompts(cache_pass, module.layer_idx, key, value)
+        _store_prompts(cache_pass, _layer(module), key, value)
         return _causal_segments(query, key, value, cache_pass.lengths, scaling), None
     lengths = _SEGMENTS.get()
     if lengths is None:
@@ -172,6 +172,13 @@ def segment_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     return _causal_segments(query, key, value, lengths, scaling), None
+
+
+def _layer(module: nn.Module) -> int:
+    # Every HF attention module knows its depth; the cache is indexed by it.
+    layer = module.layer_idx
+    assert isinstance(layer, int)
+    return layer
 
 
 def _causal_segments(
