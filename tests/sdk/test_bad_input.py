@@ -157,7 +157,7 @@ def test_forward_only_then_optim_step_has_no_gradients(victim: tinker.TrainingCl
 
 def test_unknown_base_model(server: Server):
     client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
-    with pytest.raises(tinker.RequestFailedError, match="not served here.*Qwen/Qwen3-0.6B"):
+    with pytest.raises(tinker.RequestFailedError, match=r"not served here.*Qwen/Qwen3-0\.6B"):
         client.create_lora_training_client(base_model="Qwen/Qwen3-999B", rank=4).result()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import tinker
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 

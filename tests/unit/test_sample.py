@@ -19,9 +19,9 @@ from treadle.engine.models import BaseModel, load_base_model
 from treadle.engine.sample import (
     EMPTY_LOGPROB,
     SampledSequence,
+    Sampler,
     SampleRequest,
     SampleResult,
-    Sampler,
     SamplingParams,
 )
 from treadle.engine.train import ForwardBackwardWork, LoraModel, forward_backward
