@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from treadle.engine.attention import SEGMENT_ATTENTION
 from treadle.engine.embedded import embedded_model_folder
@@ -65,7 +72,13 @@ class BaseModel:
     arch: str
     vocab_size: int
     max_context: int
+    eos_token_ids: tuple[int, ...]  # where sampling stops unless told otherwise
     device: torch.device
+    tokenizer: PreTrainedTokenizerBase
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens`` (for stop strings)."""
+        return str(self.tokenizer.decode(list(tokens)))
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -115,5 +128,17 @@ def load_base_model(
         arch=config.model_type,
         vocab_size=config.vocab_size,
         max_context=config.max_position_embeddings,
+        eos_token_ids=_eos_ids(model),
         device=torch_device,
+        tokenizer=AutoTokenizer.from_pretrained(folder),
     )
+
+
+def _eos_ids(model: PreTrainedModel) -> tuple[int, ...]:
+    """End-of-sequence ids from the generation config (chat models list the end-of-turn
+    token there), else from the model config."""
+    for config in (model.generation_config, model.config):
+        eos = getattr(config, "eos_token_id", None)
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+    return ()

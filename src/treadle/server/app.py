@@ -12,9 +12,9 @@ from fastapi.responses import JSONResponse
 
 from treadle import __version__
 from treadle.engine.datum import UserInputError
-from treadle.server.routes import client, futures, sessions, training
+from treadle.server.routes import checkpoints, client, futures, sampling, sessions, training
+from treadle.service.errors import NotFound
 from treadle.service.service import Service
-from treadle.service.training import NotFound
 from treadle.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def create_app(settings: Settings) -> FastAPI:
             await asyncio.to_thread(service.stop)
 
     app = FastAPI(title="treadle", version=__version__, lifespan=lifespan)
-    for module in (client, sessions, training, futures):
+    for module in (client, sessions, training, sampling, checkpoints, futures):
         app.include_router(module.router)
 
     # Permanent errors are 4xx with a JSON body: the SDK retries 5xx for minutes and

@@ -17,6 +17,7 @@ import zstandard
 from tinker.proto import tinker_public_pb2 as pb
 
 from treadle.engine.datum import Datum, UserInputError
+from treadle.engine.sample import SampleResult
 from treadle.service.training import ForwardBackwardResult
 
 PROTOBUF = "application/x-protobuf"
@@ -223,3 +224,48 @@ def encode_forward_backward_json(result: ForwardBackwardResult) -> dict[str, Any
         ],
         "metrics": result.metrics,
     }
+
+
+_STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
+
+
+def encode_sample_proto(result: SampleResult) -> bytes:
+    """``SampleResponse``; the SDK stamps sequence ids from the submit's answer."""
+    out = pb.SampleResponse()
+    for seq in result.sequences:
+        msg = out.sequences.add()
+        msg.stop_reason = _STOP_REASONS[seq.stop_reason]
+        msg.tokens = np.asarray(seq.tokens, dtype="<i4").tobytes()
+        msg.logprobs = np.asarray(seq.logprobs, dtype="<f4").tobytes()
+    if result.prompt_logprobs is not None:
+        out.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype="<f4").tobytes()
+    if result.topk_prompt_logprobs is not None:
+        ids, logprobs = result.topk_prompt_logprobs
+        topk = out.topk_prompt_logprobs
+        topk.token_ids = np.ascontiguousarray(ids, dtype="<i4").tobytes()
+        topk.logprobs = np.ascontiguousarray(logprobs, dtype="<f4").tobytes()
+        topk.length, topk.k = ids.shape
+    return out.SerializeToString()
+
+
+def encode_sample_json(result: SampleResult) -> dict[str, Any]:
+    """The JSON ``SampleResponse`` of SDKs before 0.25: NaN prompt logprobs are nulls,
+    top-k prompt logprobs are ``[[token, logprob], …]`` per position."""
+    body: dict[str, Any] = {
+        "type": "sample",
+        "sequences": [
+            {"stop_reason": s.stop_reason, "tokens": list(s.tokens), "logprobs": list(s.logprobs)}
+            for s in result.sequences
+        ],
+    }
+    if result.prompt_logprobs is not None:
+        body["prompt_logprobs"] = [
+            None if np.isnan(v) else float(v) for v in result.prompt_logprobs
+        ]
+    if result.topk_prompt_logprobs is not None:
+        ids, logprobs = result.topk_prompt_logprobs
+        body["topk_prompt_logprobs"] = [None] + [
+            [[int(t), float(lp)] for t, lp in zip(row_ids, row_lps, strict=True)]
+            for row_ids, row_lps in zip(ids[1:], logprobs[1:], strict=True)
+        ]
+    return body

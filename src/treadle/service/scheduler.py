@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from treadle.engine.datum import UserInputError
+from treadle.engine.sample import Sampler, SampleRequest, SampleResult
 from treadle.engine.train import ForwardBackwardOutcome, ForwardBackwardWork
 from treadle.service.futures import Failure, FutureStore
 
@@ -54,15 +55,23 @@ class _Order:
 
 PackedRunner = Callable[[list[ForwardBackwardWork], int], list[ForwardBackwardOutcome]]
 ResultOf = Callable[[ForwardBackwardOutcome, int], Any]
+SampleDone = Callable[[SampleResult | BaseException], None]
 
 
 class Scheduler:
     """Per-base-model request ordering plus the engine thread that executes requests."""
 
     def __init__(
-        self, name: str, futures: FutureStore, run_packed: PackedRunner, result_of: ResultOf
+        self,
+        name: str,
+        futures: FutureStore,
+        run_packed: PackedRunner,
+        result_of: ResultOf,
+        sampler: Sampler,
     ) -> None:
         self.name = name
+        self._sampler = sampler
+        self._incoming: list[tuple[SampleRequest, SampleDone]] = []
         self._futures = futures
         self._run_packed = run_packed
         self._result_of = result_of
@@ -113,6 +122,16 @@ class Scheduler:
             self._lock.notify()
             return request_id
 
+    def sample(self, request: SampleRequest, done: SampleDone) -> None:
+        """Hand a sampling request to the engine thread; ``done`` gets its result there."""
+        with self._lock:
+            self._incoming.append((request, done))
+            self._lock.notify()
+
+    def call(self, model_id: str, fn: Callable[[], Any], kind: str) -> str:
+        """Run ``fn`` on the engine thread outside any model's ordering."""
+        return self.submit(model_id, None, kind, lambda request_id: Op(request_id, call=fn))
+
     def start_order(self, model_id: str, next_seq: int) -> None:
         """Set the first ``seq_id`` expected from a model (1 after ``create_model``)."""
         with self._lock:
@@ -140,17 +159,28 @@ class Scheduler:
         return []
 
     def _loop(self) -> None:
+        """Alternate one decode step of every running sample with one training cycle, so
+        neither starves the other."""
         while True:
             with self._lock:
                 cycle = self._take_cycle()
-                while not cycle and not self._stopped:
+                while not (cycle or self._incoming or self._sampler.has_work() or self._stopped):
                     self._lock.wait()
                     cycle = self._take_cycle()
                 if self._stopped:
                     return
+                incoming, self._incoming = self._incoming, []
                 for model_id in [m for m, q in self._ready.items() if not q]:
                     del self._ready[model_id]
-            self._run(cycle)
+            for request, done in incoming:
+                self._sampler.add(request, done)
+            if self._sampler.has_work():
+                try:
+                    self._sampler.step()
+                except Exception:
+                    log.exception("engine %s: sampling step failed", self.name)
+            if cycle:
+                self._run(cycle)
 
     def _run(self, cycle: list[Op]) -> None:
         failed = [op for op in cycle if op.failure is not None]

@@ -7,11 +7,14 @@ import logging
 from dataclasses import dataclass
 
 from treadle.engine.models import load_base_model
+from treadle.engine.sample import Sampler
+from treadle.service.engines import Engine
 from treadle.service.futures import FutureStore
+from treadle.service.sampling import Sampling
 from treadle.service.scheduler import Scheduler
 from treadle.service.sessions import Sessions
 from treadle.service.store import Store
-from treadle.service.training import Engine, Training, packed_runner, result_of
+from treadle.service.training import Training, packed_runner, result_of
 from treadle.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,7 @@ class Service:
     futures: FutureStore
     sessions: Sessions
     training: Training
+    sampling: Sampling
 
     @classmethod
     def start(cls, settings: Settings, loop: asyncio.AbstractEventLoop) -> Service:
@@ -40,11 +44,15 @@ class Service:
                 futures,
                 packed_runner(base, settings.max_tokens_per_pass),
                 result_of,
+                Sampler(base, base.decode),
             )
             scheduler.start()
             engines[entry.name] = Engine(base, scheduler)
-        training = Training(engines, futures, store, settings.max_lora_rank)
-        return cls(settings, store, futures, Sessions(store), training)
+        sampling = Sampling(engines, futures, settings.data_dir)
+        training = Training(
+            engines, futures, store, sampling, settings.data_dir, settings.max_lora_rank
+        )
+        return cls(settings, store, futures, Sessions(store), training, sampling)
 
     def stop(self) -> None:
         for engine in self.training.engines.values():

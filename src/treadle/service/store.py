@@ -39,6 +39,14 @@ CREATE TABLE IF NOT EXISTS training_runs (
     created_at REAL NOT NULL,
     last_request_time REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS checkpoints (
+    tinker_path TEXT PRIMARY KEY,
+    model_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    size_bytes INTEGER NOT NULL
+);
 """
 
 
@@ -157,6 +165,38 @@ class Store:
                 (session_id,),
             )
         return [_run_row(row) for row in rows]
+
+    def add_checkpoint(self, row: CheckpointRow) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+            (row.tinker_path, row.model_id, row.kind, row.name, row.created_at, row.size_bytes),
+        )
+
+    def checkpoints(self, model_id: str | None = None) -> list[CheckpointRow]:
+        if model_id is None:
+            rows = self._execute("SELECT * FROM checkpoints ORDER BY created_at")
+        else:
+            rows = self._execute(
+                "SELECT * FROM checkpoints WHERE model_id = ? ORDER BY created_at", (model_id,)
+            )
+        return [CheckpointRow(*row) for row in rows]
+
+    def delete_checkpoint(self, tinker_path: str) -> bool:
+        found = bool(
+            self._execute("SELECT 1 FROM checkpoints WHERE tinker_path = ?", (tinker_path,))
+        )
+        self._execute("DELETE FROM checkpoints WHERE tinker_path = ?", (tinker_path,))
+        return found
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    tinker_path: str
+    model_id: str
+    kind: str  # "weights" (save_state) or "sampler_weights"
+    name: str
+    created_at: float
+    size_bytes: int
 
 
 def _run_row(row: sqlite3.Row | tuple[Any, ...]) -> TrainingRunRow:

@@ -8,11 +8,22 @@ Requests are checked here, before they are queued, so a bad one becomes a failed
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from treadle.engine.checkpoint import (
+    CheckpointError,
+    load_adapter,
+    load_optimizer_state,
+    read_spec,
+    save_adapter,
+)
 from treadle.engine.datum import (
     Datum,
     UserInputError,
@@ -20,7 +31,7 @@ from treadle.engine.datum import (
     loss_spec,
     resolve_config,
 )
-from treadle.engine.lora import LoraSpec, new_adapter
+from treadle.engine.lora import Adapter, LoraSpec, new_adapter
 from treadle.engine.models import BaseModel
 from treadle.engine.train import (
     AdamParams,
@@ -30,15 +41,15 @@ from treadle.engine.train import (
     forward_backward,
     optim_step,
 )
+from treadle.service.checkpoints import CheckpointPath, check_name
+from treadle.service.engines import Engine
+from treadle.service.errors import NotFound
 from treadle.service.futures import Failure, FutureStore
-from treadle.service.scheduler import Op, PackedRunner, Scheduler
-from treadle.service.store import Store, TrainingRunRow
+from treadle.service.sampling import Sampling
+from treadle.service.scheduler import Op, PackedRunner
+from treadle.service.store import CheckpointRow, Store, TrainingRunRow
 
 log = logging.getLogger(__name__)
-
-
-class NotFound(LookupError):
-    """An id the server does not know; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -48,14 +59,6 @@ class ForwardBackwardResult:
 
     logprobs: list[Any]  # numpy float32 arrays, one per datum
     metrics: dict[str, float]
-
-
-@dataclass
-class Engine:
-    """One base model and the scheduler/thread that runs all work on it."""
-
-    base: BaseModel
-    scheduler: Scheduler
 
 
 @dataclass
@@ -74,11 +77,15 @@ class Training:
         engines: Mapping[str, Engine],
         futures: FutureStore,
         store: Store,
+        sampling: Sampling,
+        data_dir: Path,
         max_lora_rank: int,
     ) -> None:
         self.engines = engines
         self._futures = futures
         self._store = store
+        self._sampling = sampling
+        self._data_dir = data_dir
         self._max_rank = max_lora_rank
         self._runs: dict[str, TrainingRun] = {}
         self._creates: dict[str, str] = {}  # model_id -> request id of its create_model
@@ -133,21 +140,7 @@ class Training:
         )
         run = TrainingRun(model_id, session_id, base_model, spec)
         self._runs[model_id] = run
-        self._store.add_training_run(
-            TrainingRunRow(
-                model_id=model_id,
-                session_id=session_id,
-                base_model=base_model,
-                lora_rank=rank,
-                train_attn=train_attn,
-                train_mlp=train_mlp,
-                train_unembed=train_unembed,
-                seed=seed,
-                user_metadata=user_metadata,
-                created_at=run.created_at,
-                last_request_time=run.created_at,
-            )
-        )
+        self._record(run, seed, user_metadata)
 
         def build() -> dict[str, str]:
             adapter = new_adapter(spec, engine.base.layers, seed)
@@ -160,6 +153,25 @@ class Training:
         engine.scheduler.start_order(model_id, 1)
         self._creates[model_id] = request_id
         return request_id, model_id
+
+    def _record(
+        self, run: TrainingRun, seed: int | None, user_metadata: dict[str, Any] | None = None
+    ) -> None:
+        self._store.add_training_run(
+            TrainingRunRow(
+                model_id=run.model_id,
+                session_id=run.session_id,
+                base_model=run.base_model,
+                lora_rank=run.spec.rank,
+                train_attn=run.spec.train_attn,
+                train_mlp=run.spec.train_mlp,
+                train_unembed=run.spec.train_unembed,
+                seed=seed,
+                user_metadata=user_metadata or {},
+                created_at=run.created_at,
+                last_request_time=run.created_at,
+            )
+        )
 
     def _check_create(self, session_id: str, base_model: str, rank: int, optimizer: str) -> Engine:
         if not self._store.has_session(session_id):
@@ -242,6 +254,133 @@ class Training:
         self._store.touch_training_run(model_id)
         return request_id
 
+    def save_state(self, model_id: str, seq_id: int | None, name: str, overwrite: bool) -> str:
+        """``save_state``: adapter + AdamW state, to resume training later."""
+        run = self.run(model_id)
+        path = CheckpointPath(model_id, "weights", check_name(name))
+
+        def save() -> dict[str, str]:
+            model = _built(run)
+            self._write(run, path, model.adapter, model.optimizer, overwrite)
+            return {"type": "save_weights", "path": path.tinker_path}
+
+        return self._in_order(run, seq_id, "save_weights", save)
+
+    def save_for_sampler(
+        self, model_id: str, seq_id: int | None, name: str | None, sampling_seq: int | None
+    ) -> str:
+        """Named: a PEFT checkpoint on disk (sampled from memory while the server runs).
+        Unnamed: an ephemeral sampling session over a snapshot of the current weights."""
+        run = self.run(model_id)
+        if name is None and sampling_seq is None:
+            raise UserInputError(
+                "save_weights_for_sampler needs a path (name) or a sampling_session_seq_id"
+            )
+        path = CheckpointPath(model_id, "sampler_weights", check_name(name)) if name else None
+
+        def save() -> dict[str, str]:
+            snapshot = _built(run).adapter.detached()
+            if path is not None:
+                self._write(run, path, snapshot, None, overwrite=True)
+                self._sampling.remember_snapshot(path.tinker_path, snapshot)
+                return {"type": "save_weights_for_sampler", "path": path.tinker_path}
+            sampler_id = f"{run.session_id}:sample:{sampling_seq}"
+            self._sampling.add_ephemeral(sampler_id, run.base_model, model_id, snapshot)
+            return {"type": "save_weights_for_sampler", "sampling_session_id": sampler_id}
+
+        return self._in_order(run, seq_id, "save_weights_for_sampler", save)
+
+    def _write(
+        self,
+        run: TrainingRun,
+        path: CheckpointPath,
+        adapter: Adapter,
+        optimizer: torch.optim.Optimizer | None,
+        overwrite: bool,
+    ) -> None:
+        folder = path.folder(self._data_dir)
+        if folder.exists() and not overwrite:
+            raise UserInputError(
+                f"{path.tinker_path} exists; save under another name or pass overwrite=True"
+            )
+        size = save_adapter(adapter, folder, run.base_model, optimizer)
+        self._store.add_checkpoint(
+            CheckpointRow(path.tinker_path, run.model_id, path.kind, path.name, time.time(), size)
+        )
+
+    def load_state(
+        self, model_id: str, seq_id: int | None, tinker_path: str, optimizer: bool
+    ) -> str:
+        """``load_state``: replace an existing model's weights (and AdamW state)."""
+        run = self.run(model_id)
+        engine = self.engines[run.base_model]
+        folder = self._checkpoint_folder(tinker_path, run.base_model)
+
+        def load() -> dict[str, str]:
+            loaded = _load(folder, engine, optimizer)
+            if loaded.adapter.spec != run.spec:
+                raise UserInputError(
+                    f"{tinker_path} is a rank-{loaded.adapter.spec.rank} adapter of other"
+                    f" modules than model {model_id} (rank {run.spec.rank}); load it with"
+                    " create_training_client_from_state instead"
+                )
+            run.model = loaded
+            return {"type": "load_weights", "path": tinker_path, "model_id": model_id}
+
+        return self._in_order(run, seq_id, "load_weights", load)
+
+    def create_from_state(
+        self, session_id: str, model_seq_id: int, tinker_path: str, optimizer: bool
+    ) -> tuple[str, str]:
+        """``create_training_client_from_state``: a new model whose request 0 is this load."""
+        model_id = f"{session_id}:train:{model_seq_id}"
+        if model_id in self._creates:
+            return self._creates[model_id], model_id
+        if not self._store.has_session(session_id):
+            raise UserInputError(f"unknown session {session_id!r}; call create_session first")
+        folder = self._checkpoint_folder(tinker_path, None)
+        try:
+            spec, base_model = read_spec(folder)
+        except CheckpointError as exc:
+            raise UserInputError(str(exc)) from exc
+        engine = self.engine(base_model or "")
+        run = TrainingRun(model_id, session_id, engine.base.name, spec)
+        self._runs[model_id] = run
+        self._record(run, None)
+
+        def load() -> dict[str, str]:
+            run.model = _load(folder, engine, optimizer)
+            return {"type": "load_weights", "path": tinker_path, "model_id": model_id}
+
+        request_id = engine.scheduler.call(model_id, load, "load_weights")
+        engine.scheduler.start_order(model_id, 1)
+        self._creates[model_id] = request_id
+        return request_id, model_id
+
+    def _checkpoint_folder(self, tinker_path: str, base_model: str | None) -> Path:
+        path = CheckpointPath.parse(tinker_path)
+        folder = path.folder(self._data_dir)
+        if not folder.is_dir():
+            raise NotFound(f"no checkpoint at {tinker_path}")
+        if base_model is not None:
+            _, trained_on = read_spec(folder)
+            if trained_on != base_model:
+                raise UserInputError(f"{tinker_path} was trained on {trained_on}, not {base_model}")
+        return folder
+
+    def delete_checkpoint(self, path: CheckpointPath) -> bool:
+        folder = path.folder(self._data_dir)
+        found = self._store.delete_checkpoint(path.tinker_path)
+        if folder.is_dir():
+            shutil.rmtree(folder)
+            found = True
+        self._sampling.forget_snapshot(path.tinker_path)
+        return found
+
+    def _in_order(self, run: TrainingRun, seq_id: int | None, kind: str, fn: Any) -> str:
+        engine = self.engines[run.base_model]
+        return engine.scheduler.submit(run.model_id, seq_id, kind, lambda r: Op(r, call=fn))
+
     def unload(self, model_id: str) -> str:
         run = self.run(model_id)
         engine = self.engines[run.base_model]
@@ -255,6 +394,23 @@ class Training:
 
     def runs_of(self, session_id: str) -> list[str]:
         return [run.model_id for run in self._runs.values() if run.session_id == session_id]
+
+
+def _load(folder: Path, engine: Engine, with_optimizer: bool) -> LoraModel:
+    """A model from a checkpoint folder, with its AdamW state when asked for and saved."""
+    try:
+        model = LoraModel.create(load_adapter(folder, engine.base.layers))
+    except CheckpointError as exc:
+        raise UserInputError(str(exc)) from exc
+    if with_optimizer:
+        state = load_optimizer_state(folder)
+        if state is None:
+            raise UserInputError(
+                f"{folder.name} was saved without optimizer state (save_weights_for_sampler);"
+                " load it without the optimizer, or save it with save_state"
+            )
+        model.optimizer.load_state_dict(state)
+    return model
 
 
 def _built(run: TrainingRun) -> LoraModel:

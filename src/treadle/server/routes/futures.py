@@ -8,10 +8,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from treadle.engine.sample import SampleResult
 from treadle.server import wire
 from treadle.server.deps import ServiceDep
+from treadle.service.errors import NotFound
 from treadle.service.futures import Failure, UnknownFuture
-from treadle.service.training import ForwardBackwardResult, NotFound
+from treadle.service.training import ForwardBackwardResult
 
 router = APIRouter(prefix="/api/v1")
 
@@ -51,4 +53,8 @@ def encode_result(value: Any, accept: str) -> Response:
         if wire.PROTOBUF in accept:
             return Response(wire.encode_forward_backward_proto(value), media_type=wire.PROTOBUF)
         return JSONResponse(wire.encode_forward_backward_json(value))
+    if isinstance(value, SampleResult):
+        if wire.PROTOBUF in accept:
+            return Response(wire.encode_sample_proto(value), media_type=wire.PROTOBUF)
+        return JSONResponse(wire.encode_sample_json(value))
     return JSONResponse(value)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.server.deps import ServiceDep
-from treadle.service.training import NotFound
+from treadle.service.errors import NotFound
 
 router = APIRouter(prefix="/api/v1")
 

@@ -154,3 +154,59 @@ async def optim_step(body: OptimStepRequest, service: ServiceDep) -> dict[str, s
 @router.post("/unload_model")
 async def unload_model(body: ModelRequest, service: ServiceDep) -> dict[str, str]:
     return _future(service.training.unload(body.model_id), body.model_id)
+
+
+class SaveWeightsRequest(_Lenient):
+    model_id: str
+    path: str
+    seq_id: int | None = None
+    overwrite: bool = False
+
+
+class SaveForSamplerRequest(_Lenient):
+    model_id: str
+    path: str | None = None
+    sampling_session_seq_id: int | None = None
+    seq_id: int | None = None
+
+
+class LoadWeightsRequest(_Lenient):
+    path: str
+    optimizer: bool = False
+    # Either an existing model (load_state) ...
+    model_id: str | None = None
+    seq_id: int | None = None
+    # ... or a new one (create_training_client_from_state), whose request 0 this is.
+    session_id: str | None = None
+    model_seq_id: int | None = None
+
+
+@router.post("/save_weights")
+async def save_weights(body: SaveWeightsRequest, service: ServiceDep) -> dict[str, str]:
+    request_id = service.training.save_state(body.model_id, body.seq_id, body.path, body.overwrite)
+    return _future(request_id, body.model_id)
+
+
+@router.post("/save_weights_for_sampler")
+async def save_weights_for_sampler(
+    body: SaveForSamplerRequest, service: ServiceDep
+) -> dict[str, str]:
+    request_id = service.training.save_for_sampler(
+        body.model_id, body.seq_id, body.path, body.sampling_session_seq_id
+    )
+    return _future(request_id, body.model_id)
+
+
+@router.post("/load_weights")
+async def load_weights(body: LoadWeightsRequest, service: ServiceDep) -> dict[str, str]:
+    if body.model_id is not None:
+        request_id = service.training.load_state(
+            body.model_id, body.seq_id, body.path, body.optimizer
+        )
+        return _future(request_id, body.model_id)
+    if body.session_id is None or body.model_seq_id is None:
+        raise UserInputError("load_weights needs a model_id, or a session_id and model_seq_id")
+    request_id, model_id = service.training.create_from_state(
+        body.session_id, body.model_seq_id, body.path, body.optimizer
+    )
+    return _future(request_id, model_id)

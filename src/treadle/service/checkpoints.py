@@ -1,0 +1,53 @@
+"""``tinker://`` checkpoint paths and where they live on disk.
+
+``tinker://{model_id}/weights/{name}`` is a ``save_state`` checkpoint (adapter + AdamW
+state), ``tinker://{model_id}/sampler_weights/{name}`` a ``save_weights_for_sampler`` one
+(adapter only). Both are PEFT folders under ``{data_dir}/checkpoints/{model_id}/{kind}/``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from treadle.engine.datum import UserInputError
+
+PREFIX = "tinker://"
+KINDS = ("weights", "sampler_weights")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class CheckpointPath:
+    model_id: str
+    kind: str
+    name: str
+
+    @property
+    def tinker_path(self) -> str:
+        return f"{PREFIX}{self.model_id}/{self.kind}/{self.name}"
+
+    def folder(self, data_dir: Path) -> Path:
+        return data_dir / "checkpoints" / self.model_id / self.kind / self.name
+
+    @classmethod
+    def parse(cls, path: str) -> CheckpointPath:
+        if not path.startswith(PREFIX):
+            raise UserInputError(f"checkpoint path {path!r} must start with {PREFIX}")
+        parts = path[len(PREFIX) :].split("/")
+        if len(parts) != 3 or parts[1] not in KINDS or not parts[0]:
+            raise UserInputError(
+                f"checkpoint path {path!r} must look like tinker://MODEL_ID/weights/NAME or"
+                " tinker://MODEL_ID/sampler_weights/NAME"
+            )
+        return cls(parts[0], parts[1], check_name(parts[2]))
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise UserInputError(
+            f"checkpoint name {name!r} must be 1-128 letters, digits, '.', '_' or '-'"
+            " (starting with a letter or digit)"
+        )
+    return name
