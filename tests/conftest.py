@@ -48,3 +48,13 @@ def service_client(server: Server) -> Iterator[object]:
     client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
     yield client
     client.close("success")
+
+
+@pytest.fixture(scope="session")
+def embedded_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir holding the converted built-in model (converted once per session)."""
+    from treadle.engine.embedded import embedded_model_folder
+
+    data_dir = tmp_path_factory.mktemp("embedded") / "treadle"
+    embedded_model_folder(data_dir)
+    return data_dir

@@ -139,3 +139,28 @@ def test_healthz_answers_while_a_long_forward_backward_runs(
     assert httpx.get(f"{server.url}/api/v1/healthz", timeout=60).json() == {"status": "ok"}
     assert raw.poll(request_id)["type"] == "try_again"
     assert "error" not in raw.result(request_id)
+
+
+def test_rejected_numbered_requests_leave_no_gap(service_client, raw: Raw):
+    """The SDK has already spent a seq_id on a request the server rejects; the rejection
+    must take that turn, or everything after it would wait forever."""
+    model_id = _model(service_client)
+    dimuon = raw.http.post(
+        "/optim_step",
+        json={"model_id": model_id, "seq_id": 1, "optimizer_params": {"type": "dimuon"}},
+    ).json()["request_id"]
+    bad_json = raw.http.post(
+        "/forward_backward",
+        json={
+            "model_id": model_id,
+            "seq_id": 2,
+            "forward_backward_input": {
+                "loss_fn": "cross_entropy",
+                "data": [{"model_input": {"chunks": [{"type": "image", "data": ""}]}}],
+            },
+        },
+    ).json()["request_id"]
+    good = raw.fwdbwd(model_id, 3, TOKENS)
+    assert "not supported" in raw.result(dimuon)["error"]
+    assert "encoded_text" in raw.result(bad_json)["error"]
+    assert "error" not in raw.result(good)

@@ -44,7 +44,9 @@ def main(model_name: str = MODEL_NAME) -> str:
             ),
         },
     )
-    before = ask(training_client.save_weights_and_get_sampling_client(), prompt_ids, tokenizer)
+    before = ask(
+        training_client.save_weights_and_get_sampling_client().result(), prompt_ids, tokenizer
+    )
     print(f"Q: {QUESTION}\nbefore fine-tuning: {before!r}")
     for step in range(STEPS):
         loss = training_client.forward_backward([datum], "cross_entropy")
@@ -52,7 +54,9 @@ def main(model_name: str = MODEL_NAME) -> str:
         mean_nll = loss.result().metrics["loss:sum"] / len(answer_ids)
         update.result()
         print(f"step {step + 1:2d}  mean NLL of the answer {mean_nll:.4f}")
-    after = ask(training_client.save_weights_and_get_sampling_client(), prompt_ids, tokenizer)
+    after = ask(
+        training_client.save_weights_and_get_sampling_client().result(), prompt_ids, tokenizer
+    )
     print(f"after fine-tuning: {after!r}")
     return after
 

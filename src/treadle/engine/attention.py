@@ -112,23 +112,29 @@ class CacheDecode:
     cache: KVCache
     slots: Tensor  # int64 [rows]
     positions: Tensor  # int64 [rows]
+    targets: Tensor  # int64 [rows * kv_heads]: where the new keys go in a flat buffer view
     span: int  # max(positions) + 1: the window of the cache read this pass
     mask: Tensor | None  # bool [rows, 1, 1, span]; None when every row sees all of it
     contiguous: bool  # slots are 0..rows-1: read the cache as a view, not a gather
 
 
 def cache_decode(cache: KVCache, slots: Sequence[int], positions: Sequence[int]) -> CacheDecode:
-    """The :class:`CacheDecode` for these rows; its mask is built once for all layers."""
+    """The :class:`CacheDecode` for these rows (the cache must already hold them); its
+    mask and write targets are built once for all layers."""
     span = max(positions) + 1
+    slot_tensor = torch.tensor(slots, dtype=torch.long, device=cache.device)
     position_tensor = torch.tensor(positions, dtype=torch.long, device=cache.device)
+    heads = torch.arange(cache.kv_heads, device=cache.device)
+    targets = (slot_tensor[:, None] * cache.kv_heads + heads) * cache.length
     mask = None
     if min(positions) + 1 < span:
         seen = torch.arange(span, device=cache.device)[None, :] <= position_tensor[:, None]
         mask = seen[:, None, None, :]
     return CacheDecode(
         cache=cache,
-        slots=torch.tensor(slots, dtype=torch.long, device=cache.device),
+        slots=slot_tensor,
         positions=position_tensor,
+        targets=(targets + position_tensor[:, None]).reshape(-1),
         span=span,
         mask=mask,
         contiguous=list(slots) == list(range(len(slots))),
@@ -230,9 +236,10 @@ def _decode_attention(
 ) -> Tensor:
     # query: [rows, heads, 1, dim]; key/value: [rows, kv_heads, 1, dim].
     keys, values = decode.cache.keys[layer], decode.cache.values[layer]
-    keys[decode.slots, :, decode.positions] = key[:, :, 0]
-    values[decode.slots, :, decode.positions] = value[:, :, 0]
     rows, heads, _, dim = query.shape
+    # One indexed copy per buffer (a flat view: [slot, head, position] rows of ``dim``).
+    keys.view(-1, dim).index_copy_(0, decode.targets, key.reshape(-1, dim))
+    values.view(-1, dim).index_copy_(0, decode.targets, value.reshape(-1, dim))
     if decode.contiguous:
         past_keys = keys[:rows, :, : decode.span]
         past_values = values[:rows, :, : decode.span]

@@ -333,11 +333,12 @@ class Sampler:
         logprobs = np.full(n, np.nan, np.float32)
         top_ids = np.zeros((n, k), np.int32)
         top_logprobs = np.full((n, k), EMPTY_LOGPROB, np.float32)
-        spans = _spans([request.request.adapter], [1], hidden.device)
+        adapter = request.request.adapter
         chunk = max(1, _HEAD_CHUNK_ELEMENTS // self.base.vocab_size)
         # Row t of the logits predicts prompt token t + 1.
         for start in range(0, n - 1, chunk):
             stop = min(start + chunk, n - 1)
+            spans = _spans([adapter], [stop - start], hidden.device)
             logits = self._logits(hidden[start:stop], spans)
             norm = torch.logsumexp(logits, -1, keepdim=True)
             part = logits.gather(-1, targets[start:stop]) - norm
@@ -464,7 +465,7 @@ def _spans(adapters: list[Adapter | None], sizes: list[int], device: torch.devic
         return []
     total = sum(sizes)
     if len(distinct) == 1 and all(a is not None for a in adapters):
-        return [Span(adapters[0], 0, total)]
+        return [Span(adapters[0], rows=slice(0, total))]
     group = np.repeat(np.arange(len(adapters)), sizes)
     spans = []
     for key, adapter in distinct.items():

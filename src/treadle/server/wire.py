@@ -36,6 +36,8 @@ class ForwardBackwardCall:
     loss_fn: str
     loss_fn_config: dict[str, float | str]
     forward_only: bool
+    # Why the data could not be decoded; the request still takes its seq_id turn.
+    problem: str | None = None
 
 
 def decode_forward_backward_proto(body: bytes, content_encoding: str | None) -> ForwardBackwardCall:
@@ -52,14 +54,19 @@ def decode_forward_backward_proto(body: bytes, content_encoding: str | None) -> 
     config: dict[str, float | str] = dict(msg.loss_fn_config)
     for key, value in msg.loss_fn_config_v2.items():
         config[key] = value.text if value.WhichOneof("value") == "text" else value.number
-    return ForwardBackwardCall(
+    call = ForwardBackwardCall(
         model_id=msg.model_id,
         seq_id=msg.seq_id,
-        data=[_proto_datum(i, d) for i, d in enumerate(msg.data)],
+        data=[],
         loss_fn=msg.loss_fn,
         loss_fn_config=config,
         forward_only=msg.forward_only,
     )
+    try:
+        call.data = [_proto_datum(i, d) for i, d in enumerate(msg.data)]
+    except UserInputError as exc:
+        call.problem = str(exc)
+    return call
 
 
 def _proto_datum(index: int, msg: pb.Datum) -> Datum:
@@ -143,19 +150,24 @@ def decode_forward_backward_json(body: Mapping[str, Any], input_key: str) -> For
     loss_fn_config}, "model_id", "seq_id"}``; tensors as ``{"data", "dtype", "shape"}``."""
     try:
         call_input = body[input_key]
-        model_id = body["model_id"]
-        data = [_json_datum(i, d) for i, d in enumerate(call_input["data"])]
-    except (KeyError, TypeError) as exc:
-        raise UserInputError(f"malformed {input_key} body: missing {exc}") from exc
-    config = call_input.get("loss_fn_config") or {}
-    return ForwardBackwardCall(
-        model_id=model_id,
-        seq_id=body.get("seq_id"),
-        data=data,
-        loss_fn=call_input.get("loss_fn", "cross_entropy"),
-        loss_fn_config=dict(config),
-        forward_only=input_key == "forward_input",
-    )
+        call = ForwardBackwardCall(
+            model_id=body["model_id"],
+            seq_id=body.get("seq_id"),
+            data=[],
+            loss_fn=call_input.get("loss_fn", "cross_entropy"),
+            loss_fn_config=dict(call_input.get("loss_fn_config") or {}),
+            forward_only=input_key == "forward_input",
+        )
+        datums = call_input["data"]
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise UserInputError(f"malformed {input_key} body: {exc!r}") from exc
+    try:
+        call.data = [_json_datum(i, d) for i, d in enumerate(datums)]
+    except UserInputError as exc:
+        call.problem = str(exc)
+    except (KeyError, TypeError, ValueError) as exc:
+        call.problem = f"malformed datum in {input_key}: {exc!r}"
+    return call
 
 
 def _json_datum(index: int, datum: Mapping[str, Any]) -> Datum:

@@ -26,6 +26,7 @@ from typing import Any
 from treadle.engine.datum import UserInputError
 from treadle.engine.sample import Sampler, SampleRequest, SampleResult
 from treadle.engine.train import ForwardBackwardOutcome, ForwardBackwardWork
+from treadle.service.errors import NotFound
 from treadle.service.futures import Failure, FutureStore
 
 log = logging.getLogger(__name__)
@@ -217,8 +218,8 @@ class Scheduler:
                 self._futures.resolve(op.request_id, result)
 
     def _fail(self, ops: list[Op], exc: Exception) -> None:
-        if isinstance(exc, UserInputError):
-            failure = Failure(str(exc), "user")
+        if isinstance(exc, UserInputError | NotFound):
+            failure = Failure(str(exc.args[0]) if exc.args else str(exc), "user")
         else:
             log.exception("engine %s failed a request", self.name)
             failure = Failure(f"treadle engine error: {type(exc).__name__}: {exc}", "server")

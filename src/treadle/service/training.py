@@ -211,12 +211,17 @@ class Training:
         loss_fn: str,
         loss_fn_config: Mapping[str, float | str],
         forward_only: bool,
+        problem: str | None = None,
     ) -> str:
+        """Queue a forward(_backward); ``problem`` is a decoding error of its body, reported
+        in the request's turn."""
         run = self.run(model_id)
         engine = self.engines[run.base_model]
         kind = "forward" if forward_only else "forward_backward"
 
         def make_op(request_id: str) -> Op:
+            if problem is not None:
+                return Op(request_id, failure=Failure(problem))
             try:
                 spec = loss_spec(loss_fn)
                 config = resolve_config(spec, loss_fn, loss_fn_config)
@@ -230,7 +235,9 @@ class Training:
 
         return engine.scheduler.submit(model_id, seq_id, kind, make_op)
 
-    def optim_step(self, model_id: str, seq_id: int | None, params: AdamParams) -> str:
+    def optim_step(
+        self, model_id: str, seq_id: int | None, params: AdamParams, optimizer: str = "adamw"
+    ) -> str:
         run = self.run(model_id)
         engine = self.engines[run.base_model]
 
@@ -245,7 +252,11 @@ class Training:
             return {"type": "optim_step", "metrics": metrics}
 
         def make_op(request_id: str) -> Op:
-            bad = _check_adam(params)
+            bad = (
+                f"optimizer {optimizer!r} is not supported by treadle; use AdamParams"
+                if optimizer != "adamw"
+                else _check_adam(params)
+            )
             if bad:
                 return Op(request_id, failure=Failure(bad))
             return Op(request_id, call=step)
@@ -257,9 +268,9 @@ class Training:
     def save_state(self, model_id: str, seq_id: int | None, name: str, overwrite: bool) -> str:
         """``save_state``: adapter + AdamW state, to resume training later."""
         run = self.run(model_id)
-        path = CheckpointPath(model_id, "weights", check_name(name))
 
         def save() -> dict[str, str]:
+            path = CheckpointPath(model_id, "weights", check_name(name))
             model = _built(run)
             self._write(run, path, model.adapter, model.optimizer, overwrite)
             return {"type": "save_weights", "path": path.tinker_path}
@@ -272,13 +283,13 @@ class Training:
         """Named: a PEFT checkpoint on disk (sampled from memory while the server runs).
         Unnamed: an ephemeral sampling session over a snapshot of the current weights."""
         run = self.run(model_id)
-        if name is None and sampling_seq is None:
-            raise UserInputError(
-                "save_weights_for_sampler needs a path (name) or a sampling_session_seq_id"
-            )
-        path = CheckpointPath(model_id, "sampler_weights", check_name(name)) if name else None
 
         def save() -> dict[str, str]:
+            if name is None and sampling_seq is None:
+                raise UserInputError(
+                    "save_weights_for_sampler needs a path (name) or a sampling_session_seq_id"
+                )
+            path = CheckpointPath(model_id, "sampler_weights", check_name(name)) if name else None
             snapshot = _built(run).adapter.detached()
             if path is not None:
                 self._write(run, path, snapshot, None, overwrite=True)
@@ -314,9 +325,9 @@ class Training:
         """``load_state``: replace an existing model's weights (and AdamW state)."""
         run = self.run(model_id)
         engine = self.engines[run.base_model]
-        folder = self._checkpoint_folder(tinker_path, run.base_model)
 
         def load() -> dict[str, str]:
+            folder = self._checkpoint_folder(tinker_path, run.base_model)
             loaded = _load(folder, engine, optimizer)
             if loaded.adapter.spec != run.spec:
                 raise UserInputError(
@@ -378,6 +389,9 @@ class Training:
         return found
 
     def _in_order(self, run: TrainingRun, seq_id: int | None, kind: str, fn: Any) -> str:
+        """Queue ``fn`` in the model's seq_id order. Its checks run there too: a request
+        the SDK numbered must take its turn even when it fails, or every later request of
+        the model would wait for the gap."""
         engine = self.engines[run.base_model]
         return engine.scheduler.submit(run.model_id, seq_id, kind, lambda r: Op(r, call=fn))
 

@@ -128,6 +128,7 @@ def _submit(call: wire.ForwardBackwardCall, service: ServiceDep) -> dict[str, st
         call.loss_fn,
         call.loss_fn_config,
         call.forward_only,
+        call.problem,
     )
     return _future(request_id, call.model_id)
 
@@ -135,10 +136,6 @@ def _submit(call: wire.ForwardBackwardCall, service: ServiceDep) -> dict[str, st
 @router.post("/optim_step")
 async def optim_step(body: OptimStepRequest, service: ServiceDep) -> dict[str, str]:
     params = body.adam_params or body.optim_params or body.optimizer_params or OptimParams()
-    if params.type != "adamw":
-        raise UserInputError(
-            f"optimizer {params.type!r} is not supported by treadle; use AdamParams"
-        )
     adam = AdamParams(
         learning_rate=params.learning_rate,
         beta1=params.beta1,
@@ -147,7 +144,7 @@ async def optim_step(body: OptimStepRequest, service: ServiceDep) -> dict[str, s
         weight_decay=params.weight_decay,
         grad_clip_norm=params.grad_clip_norm,
     )
-    request_id = service.training.optim_step(body.model_id, body.seq_id, adam)
+    request_id = service.training.optim_step(body.model_id, body.seq_id, adam, params.type)
     return _future(request_id, body.model_id)
 
 
