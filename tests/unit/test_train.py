@@ -118,6 +118,7 @@ def test_packing_does_not_change_results(base: BaseModel, max_tokens: int):
         base, [ForwardBackwardWork(other, data, LOSSES["cross_entropy"], {}, False)], max_tokens
     )
     assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    assert not base.model.training  # the checkpointed long passes switch training mode back off
     for x, y in zip(a.logprobs, b.logprobs, strict=True):
         np.testing.assert_allclose(x, y, atol=2e-6)
     for (ga, gb), (ha, hb) in zip(_grads(one).values(), _grads(other).values(), strict=True):
@@ -280,3 +281,25 @@ def test_optim_step_is_adamw_with_every_param(base: BaseModel):
         not torch.equal(p.detach(), s)
         for p, s in zip(model.adapter.parameters(), start, strict=True)
     )
+
+
+def test_a_datum_longer_than_the_budget_is_recomputed_not_stored(
+    base: BaseModel, monkeypatch: pytest.MonkeyPatch
+):
+    """Such a pass runs with activation checkpointing: each layer runs again in backward."""
+    mlp = base.backbone.layers[-1].mlp
+    calls: list[int] = []
+    original = mlp.forward
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mlp, "forward", counted)
+    data = _data(8, [10])
+    work = ForwardBackwardWork(_model(base, 8), data, LOSSES["cross_entropy"], {}, False)
+    forward_backward(base, [work], 4)
+    assert len(calls) == 2
+    calls.clear()
+    forward_backward(base, [work], 64)
+    assert len(calls) == 1

@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     history = rl_loop(
         training_client,
         prompts,
-        one_word_reward(lambda t: tokenizer.decode(t), end_of_turn),
+        one_word_reward(lambda t: str(tokenizer.decode(t)), end_of_turn),
         steps=args.steps,
         group_size=args.group_size,
         max_tokens=args.max_tokens,

@@ -8,9 +8,10 @@ through PyPI), a Hugging Face model folder, or a hub id already in the local HF 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,21 @@ class BaseModel:
     device: torch.device
     tokenizer: PreTrainedTokenizerBase
 
+    @contextlib.contextmanager
+    def checkpointed(self, enabled: bool) -> Iterator[None]:
+        """Recompute each decoder layer in the backward pass instead of keeping its
+        activations: a datum longer than a pass's token budget then costs one layer's
+        activations, not all of them (training mode is what switches it on in
+        transformers; these architectures have no dropout, so nothing else changes)."""
+        if not enabled:
+            yield
+            return
+        self.model.train()
+        try:
+            yield
+        finally:
+            self.model.eval()
+
     def decode(self, tokens: Sequence[int]) -> str:
         """Text of ``tokens`` (for stop strings)."""
         return str(self.tokenizer.decode(list(tokens)))
@@ -118,6 +134,7 @@ def load_base_model(
     # nn.Module.to rather than PreTrainedModel.to, whose typing confuses mypy.
     nn.Module.to(model, torch_device)
     model.eval().requires_grad_(False)
+    _enable_checkpointing(model)
     layers = wrap_linears(model)
     log.info("loaded %s from %s in %.1fs", name, folder, time.perf_counter() - started)
     return BaseModel(
@@ -142,3 +159,13 @@ def _eos_ids(model: PreTrainedModel) -> tuple[int, ...]:
         if eos is not None:
             return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
     return ()
+
+
+def _enable_checkpointing(model: PreTrainedModel) -> None:
+    """Arm (non-reentrant) activation checkpointing; it acts only in training mode, which
+    :meth:`BaseModel.checkpointed` switches on. transformers renamed the call in 5.2x."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

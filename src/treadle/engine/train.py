@@ -178,7 +178,9 @@ def forward_backward(
         order = {id(item.adapter): rank for rank, item in reversed(list(enumerate(items)))}
         items.sort(key=lambda item: order[id(item.adapter)])
         for one_pass in _packed_passes(items, max_tokens):
-            with torch.set_grad_enabled(not forward_only):
+            # Only a single datum longer than the budget makes a pass this large.
+            long_pass = one_pass.tokens > max_tokens and not forward_only
+            with torch.set_grad_enabled(not forward_only), base.checkpointed(long_pass):
                 _run_pass(base, works, one_pass, outcomes, losses, backward=not forward_only)
     for w, work in enumerate(works):
         outcomes[w].loss = float(torch.stack(losses[w]).sum()) if losses[w] else 0.0
@@ -224,27 +226,29 @@ def _run_pass(
         start += n
     input_ids = torch.from_numpy(tokens).to(device)[None]
     position_ids = torch.from_numpy(positions).to(device)[None]
+    # Backward stays inside the routing/packing context: checkpointed layers are recomputed
+    # during it and must route and pack exactly as in the forward pass.
     with routing(spans), packed(lengths):
         hidden = base.backbone(input_ids=input_ids, position_ids=position_ids).last_hidden_state[0]
-    pass_losses: list[Tensor] = []
-    offset = 0
-    for item, n in zip(one_pass.items, lengths, strict=True):
-        work = works[item.work]
-        datum = item.datum
-        targets = torch.from_numpy(datum.inputs["target_tokens"]).to(device)
-        lp = target_logprobs(base, hidden[offset : offset + n], targets, item.adapter)
-        offset += n
-        inputs = {
-            key: torch.from_numpy(value).to(device)
-            for key, value in datum.inputs.items()
-            if key != "target_tokens"
-        }
-        loss = work.loss.fn(lp, inputs, work.config)
-        outcomes[item.work].logprobs[item.index] = lp.detach().float().cpu().numpy()
-        losses[item.work].append(loss.detach())
-        pass_losses.append(loss)
-    if backward:
-        torch.stack(pass_losses).sum().backward()
+        pass_losses: list[Tensor] = []
+        offset = 0
+        for item, n in zip(one_pass.items, lengths, strict=True):
+            work = works[item.work]
+            datum = item.datum
+            targets = torch.from_numpy(datum.inputs["target_tokens"]).to(device)
+            lp = target_logprobs(base, hidden[offset : offset + n], targets, item.adapter)
+            offset += n
+            inputs = {
+                key: torch.from_numpy(value).to(device)
+                for key, value in datum.inputs.items()
+                if key != "target_tokens"
+            }
+            loss = work.loss.fn(lp, inputs, work.config)
+            outcomes[item.work].logprobs[item.index] = lp.detach().float().cpu().numpy()
+            losses[item.work].append(loss.detach())
+            pass_losses.append(loss)
+        if backward:
+            torch.stack(pass_losses).sum().backward()
 
 
 @dataclass(frozen=True)
