@@ -9,9 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from tests.fixtures.tiny_models import IM_END, make_byte_tokenizer, make_tiny_model
+from treadle.engine import sample
+from treadle.engine.attention import KVCache, cache_decode, cached, segment_attention
 from treadle.engine.datum import Datum, UserInputError
 from treadle.engine.lora import Adapter, LoraSpec, new_adapter
 from treadle.engine.losses import LOSSES
@@ -276,7 +280,9 @@ def test_stop_string(base: BaseModel):
     assert sequence.stop_reason == "stop"
 
 
-def test_prompt_logprobs(base: BaseModel):
+def test_prompt_logprobs(base: BaseModel, monkeypatch: pytest.MonkeyPatch):
+    # Five rows of logits at a time, so the 17-token prompt crosses chunk boundaries.
+    monkeypatch.setattr(sample, "_HEAD_CHUNK_ELEMENTS", 5 * base.vocab_size)
     adapter = _adapter(base, seed=6)
     prompt = _prompt(40, 17)
     request = SampleRequest(
@@ -308,7 +314,7 @@ def test_prompt_logprobs(base: BaseModel):
     assert [(s.tokens, s.stop_reason) for s in result.sequences] == [([], "length")] * 2
 
 
-def test_filters_that_leave_one_token_are_greedy(base: BaseModel):
+def test_filters_and_temperatures_that_leave_one_token_are_greedy(base: BaseModel):
     prompt = _prompt(50, 8)
     sampler = Sampler(base, _decode)
     greedy = _one(sampler, prompt, SamplingParams(max_tokens=16, temperature=0.0)).tokens
@@ -316,6 +322,7 @@ def test_filters_that_leave_one_token_are_greedy(base: BaseModel):
         SamplingParams(max_tokens=16, top_k=1, seed=1),
         SamplingParams(max_tokens=16, top_p=1e-6, seed=2),
         SamplingParams(max_tokens=16, min_p=1.0, seed=3),
+        SamplingParams(max_tokens=16, temperature=1e-4, seed=4),
     ):
         assert _one(sampler, prompt, params).tokens == greedy, params
 
@@ -437,3 +444,41 @@ def test_invalid_requests_fail_with_a_message(base: BaseModel, change: dict, mes
     sampler.add(SampleRequest(**{**fields, **change}), _store(outcomes, 0))
     assert isinstance(outcomes[0], UserInputError) and message in str(outcomes[0])
     assert not sampler.has_work()
+
+
+def test_decode_attention_reads_each_slots_own_past():
+    """Rows in scattered slots (the isolation fallback's gather path) and at different
+    lengths: each row writes its new key/value at its position and attends, through its
+    grouped query heads, to exactly its slot's past — as plain per-head SDPA says."""
+    config = PretrainedConfig(
+        num_hidden_layers=1, num_key_value_heads=2, num_attention_heads=6, head_dim=8
+    )
+    gen = torch.Generator().manual_seed(0)
+    cache = KVCache(config, torch.device("cpu"), torch.float32)
+    cache.reserve(4, 20)
+    lengths = [5, 11, 3, 8]  # positions already stored per slot
+    for slot, n in enumerate(lengths):
+        cache.keys[0][slot, :, :n] = torch.randn(2, n, 8, generator=gen)
+        cache.values[0][slot, :, :n] = torch.randn(2, n, 8, generator=gen)
+    module = nn.Module()
+    module.layer_idx = 0
+    for slots in ([0, 1, 2, 3], [3, 1]):
+        positions = [lengths[s] for s in slots]
+        query = torch.randn(len(slots), 6, 1, 8, generator=gen)
+        key = torch.randn(len(slots), 2, 1, 8, generator=gen)
+        value = torch.randn(len(slots), 2, 1, 8, generator=gen)
+        with cached(cache_decode(cache, slots, positions)):
+            out, _ = segment_attention(module, query, key, value, None, scaling=0.3)
+        assert out.shape == (len(slots), 1, 6, 8)
+        for row, (slot, n) in enumerate(zip(slots, positions, strict=True)):
+            past_k = torch.cat([cache.keys[0][slot, :, :n], key[row]], dim=1)
+            past_v = torch.cat([cache.values[0][slot, :, :n], value[row]], dim=1)
+            torch.testing.assert_close(cache.keys[0][slot, :, : n + 1], past_k)
+            torch.testing.assert_close(cache.values[0][slot, :, : n + 1], past_v)
+            want = F.scaled_dot_product_attention(
+                query[row][:, None],  # [heads, 1, 1, dim]
+                past_k.repeat_interleave(3, dim=0)[:, None],
+                past_v.repeat_interleave(3, dim=0)[:, None],
+                scale=0.3,
+            )
+            torch.testing.assert_close(out[row, 0], want[:, 0, 0])

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -73,6 +74,15 @@ class Adapter:
     def parameters(self) -> list[Tensor]:
         return [t for pair in self.pairs.values() for t in (pair.a, pair.b)]
 
+    def detached(self) -> Adapter:
+        """A frozen copy of the current weights (for samplers): later training steps,
+        which update the tensors in place, do not reach it."""
+        pairs = {
+            path: LoraPair(pair.a.detach().clone(), pair.b.detach().clone())
+            for path, pair in self.pairs.items()
+        }
+        return Adapter(self.spec, pairs)
+
     def delta(self, path: str, x: Tensor) -> Tensor | None:
         """``scale · x Aᵀ Bᵀ`` for the module at ``path``, or None if not adapted."""
         pair = self.pairs.get(path)
@@ -105,13 +115,17 @@ def new_adapter(spec: LoraSpec, layers: dict[str, LoraLinear], seed: int | None 
 @dataclass(frozen=True)
 class Span:
     """Rows ``[start, stop)`` of a pass (flattened over batch and time) and their adapter
-    (None: the base model alone). ``rows`` (int64 indices) names scattered rows instead —
-    a decode batch mixes adapters in whatever order its sequences sit in the KV cache."""
+    (None: the base model alone).
+
+    Inference passes name their rows in ``rows`` instead (in every span of the pass): a
+    slice, or int64 indices of scattered rows (a decode batch mixes adapters in whatever
+    order its sequences sit in the KV cache). Their deltas are added in place, which
+    autograd would not allow."""
 
     adapter: Adapter | None
     start: int = 0
     stop: int = 0
-    rows: Tensor | None = None
+    rows: slice | Tensor | None = None
 
 
 _ROUTING: contextvars.ContextVar[Sequence[Span] | None] = contextvars.ContextVar(
@@ -139,12 +153,13 @@ class LoraLinear(nn.Module):
         self.path = path
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
+        # nn.Linear.forward itself, minus a module call: decode runs hundreds per token.
+        y = F.linear(x, self.base.weight, self.base.bias)
         spans = _ROUTING.get()
         if not spans:
             return y
-        if any(span.rows is not None for span in spans):
-            return self._add_gathered(x, y, spans)
+        if spans[0].rows is not None:
+            return self._add_in_place(x, y, spans)
         if len(spans) == 1:
             only = spans[0].adapter
             delta = only.delta(self.path, x) if only is not None else None
@@ -165,24 +180,33 @@ class LoraLinear(nn.Module):
             return y
         return y + torch.cat(parts).reshape(y.shape)
 
-    def _add_gathered(self, x: Tensor, y: Tensor, spans: Sequence[Span]) -> Tensor:
-        """Add each span's delta into its rows of ``y`` in place: one gather, one low-rank
-        matmul pair and one scatter per adapter. Spans need not cover every row (rows of
-        the base model alone need nothing); used by inference passes only."""
+    def _add_in_place(self, x: Tensor, y: Tensor, spans: Sequence[Span]) -> Tensor:
+        """Add each span's delta into its rows of ``y``, fused into one multiply-add (an
+        indexed one for scattered rows). At decode every matmul is a thin matrix-vector
+        product, so the training path's extra kernels and copies would cost as much as
+        the LoRA arithmetic itself. Rows of no span keep the base output."""
         rows = x.reshape(-1, x.shape[-1])
         out = y.view(-1, y.shape[-1])
         for span in spans:
             if span.adapter is None:
                 continue
-            if span.rows is None:
-                delta = span.adapter.delta(self.path, rows[span.start : span.stop])
-                if delta is not None:
-                    out[span.start : span.stop] += delta
+            pair = span.adapter.pairs.get(self.path)
+            if pair is None:
+                continue
+            a, b, scale = _cast(pair.a, x.dtype), _cast(pair.b, x.dtype), span.adapter.spec.scale
+            where = span.rows
+            if isinstance(where, Tensor):
+                low = F.linear(rows.index_select(0, where), a)
+                out.index_add_(0, where, F.linear(low, b), alpha=scale)
             else:
-                delta = span.adapter.delta(self.path, rows.index_select(0, span.rows))
-                if delta is not None:
-                    out.index_add_(0, span.rows, delta)
+                part = slice(span.start, span.stop) if where is None else where
+                out[part].addmm_(F.linear(rows[part], a), b.t(), alpha=scale)
         return y
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # fp32 master weights under a bf16 base on GPUs; on CPU (all fp32) this skips a call.
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def wrap_linears(model: nn.Module) -> dict[str, LoraLinear]:

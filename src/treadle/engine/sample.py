@@ -182,7 +182,7 @@ class Sampler:
     def _check(self, request: SampleRequest) -> None:
         prompt, params = request.prompt, request.params
         vocab = self.base.vocab_size
-        if prompt.ndim != 1 or prompt.shape[0] == 0:
+        if prompt.ndim != 1 or prompt.shape[0] == 0 or not np.issubdtype(prompt.dtype, np.integer):
             raise UserInputError("the prompt must be a non-empty list of token ids")
         if prompt.min() < 0 or prompt.max() >= vocab:
             raise UserInputError(f"prompt token ids must lie in [0, {vocab}) for this model")
