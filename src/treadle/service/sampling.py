@@ -21,7 +21,7 @@ from treadle.engine.datum import UserInputError
 from treadle.engine.lora import Adapter
 from treadle.engine.sample import SampleRequest, SampleResult, SamplingParams
 from treadle.service.checkpoints import CheckpointPath
-from treadle.service.engines import Engine
+from treadle.service.engines import Engine, find_engine
 from treadle.service.errors import NotFound
 from treadle.service.futures import Failure, FutureStore
 
@@ -70,13 +70,7 @@ class Sampling:
         self._seen: dict[tuple[str, int], str] = {}  # (session, seq_id) -> request id
 
     def engine(self, base_model: str) -> Engine:
-        engine = self._engines.get(base_model)
-        if engine is None:
-            raise UserInputError(
-                f"base model {base_model!r} is not served here; served models:"
-                f" {', '.join(self._engines)}"
-            )
-        return engine
+        return find_engine(self._engines, base_model)
 
     def remember_snapshot(self, tinker_path: str, adapter: Adapter) -> None:
         """A named sampler checkpoint just saved: sample from it without reading disk."""

@@ -42,7 +42,7 @@ from treadle.engine.train import (
     optim_step,
 )
 from treadle.service.checkpoints import CheckpointPath, check_name
-from treadle.service.engines import Engine
+from treadle.service.engines import Engine, find_engine
 from treadle.service.errors import NotFound
 from treadle.service.futures import Failure, FutureStore
 from treadle.service.sampling import Sampling
@@ -91,13 +91,7 @@ class Training:
         self._creates: dict[str, str] = {}  # model_id -> request id of its create_model
 
     def engine(self, base_model: str) -> Engine:
-        engine = self.engines.get(base_model)
-        if engine is None:
-            raise UserInputError(
-                f"base model {base_model!r} is not served here; served models:"
-                f" {', '.join(self.engines)}"
-            )
-        return engine
+        return find_engine(self.engines, base_model)
 
     def run(self, model_id: str) -> TrainingRun:
         run = self._runs.get(model_id)
@@ -236,8 +230,14 @@ class Training:
         return engine.scheduler.submit(model_id, seq_id, kind, make_op)
 
     def optim_step(
-        self, model_id: str, seq_id: int | None, params: AdamParams, optimizer: str = "adamw"
+        self,
+        model_id: str,
+        seq_id: int | None,
+        params: AdamParams,
+        optimizer: str = "adamw",
+        problem: str | None = None,
     ) -> str:
+        """Queue an AdamW step; ``problem`` is a decoding error, reported in its turn."""
         run = self.run(model_id)
         engine = self.engines[run.base_model]
 
@@ -252,7 +252,7 @@ class Training:
             return {"type": "optim_step", "metrics": metrics}
 
         def make_op(request_id: str) -> Op:
-            bad = (
+            bad = problem or (
                 f"optimizer {optimizer!r} is not supported by treadle; use AdamParams"
                 if optimizer != "adamw"
                 else _check_adam(params)

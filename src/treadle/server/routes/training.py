@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -46,23 +47,17 @@ class ModelRequest(_Lenient):
     model_id: str
 
 
-class OptimParams(_Lenient):
-    type: str = "adamw"
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
-
-
 class OptimStepRequest(_Lenient):
     model_id: str
     seq_id: int | None = None
     # The SDK names the field by optimizer family; all three spellings mean the same.
-    adam_params: OptimParams | None = None
-    optim_params: OptimParams | None = None
-    optimizer_params: OptimParams | None = None
+    # Old SDKs send only the fields the user set: the rest take AdamParams' defaults.
+    adam_params: dict[str, float | str] | None = None
+    optim_params: dict[str, float | str] | None = None
+    optimizer_params: dict[str, float | str] | None = None
+
+
+_ADAM_FIELDS = {f.name for f in dataclasses.fields(AdamParams)}
 
 
 def _future(request_id: str, model_id: str) -> dict[str, str]:
@@ -135,16 +130,14 @@ def _submit(call: wire.ForwardBackwardCall, service: ServiceDep) -> dict[str, st
 
 @router.post("/optim_step")
 async def optim_step(body: OptimStepRequest, service: ServiceDep) -> dict[str, str]:
-    params = body.adam_params or body.optim_params or body.optimizer_params or OptimParams()
-    adam = AdamParams(
-        learning_rate=params.learning_rate,
-        beta1=params.beta1,
-        beta2=params.beta2,
-        eps=params.eps,
-        weight_decay=params.weight_decay,
-        grad_clip_norm=params.grad_clip_norm,
-    )
-    request_id = service.training.optim_step(body.model_id, body.seq_id, adam, params.type)
+    params = dict(body.adam_params or body.optim_params or body.optimizer_params or {})
+    family = str(params.pop("type", "adamw"))
+    problem = None
+    try:
+        adam = AdamParams(**{k: float(v) for k, v in params.items() if k in _ADAM_FIELDS})
+    except ValueError as exc:
+        adam, problem = AdamParams(), f"AdamParams must be numbers: {exc}"
+    request_id = service.training.optim_step(body.model_id, body.seq_id, adam, family, problem)
     return _future(request_id, body.model_id)
 
 
