@@ -211,12 +211,14 @@ def test_continuous_batching_gives_each_request_what_it_gets_alone(base: BaseMod
     sampler = Sampler(base, _decode, max_batch=4)
     outcomes: list[SampleResult | BaseException | None] = [None] * len(requests)
     joins = {0: [0, 1], 2: [2], 3: [3, 4], 7: [5]}  # step -> requests added before it
-    step = 0
+    step, widest = 0, 0
     while step <= max(joins) or sampler.has_work():
         for i in joins.get(step, []):
             sampler.add(requests[i], _store(outcomes, i))
         sampler.step()
+        widest = max(widest, sampler.running)
         step += 1
+    assert widest == 4  # several requests (and adapters) shared each decode pass
     for got, want in zip(outcomes, alone, strict=True):
         assert isinstance(got, SampleResult)
         assert [s.tokens for s in got.sequences] == [s.tokens for s in want.sequences]

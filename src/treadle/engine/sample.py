@@ -165,6 +165,11 @@ class Sampler:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
+    @property
+    def running(self) -> int:
+        """Sequences decoded together by the next step."""
+        return len(self._running)
+
     def step(self) -> None:
         """Admit waiting requests (one prefill pass), then one decode pass for every
         running sequence; calls ``done`` for each request that finished."""
