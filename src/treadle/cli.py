@@ -84,14 +84,22 @@ def _settings(args: argparse.Namespace) -> Settings:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from treadle.engine.memory import tune_allocator
+    from treadle.engine.embedded import EmbeddedModelMissing
+    from treadle.engine.models import ModelSourceError, resolve_folder
     from treadle.server.app import create_app
 
-    tune_allocator()
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = _settings(args)
+    try:
+        # Check every model source first: a typo fails here with one line, not after
+        # the server has started loading the others.
+        for entry in settings.models:
+            resolve_folder(entry.source, settings.data_dir)
+    except (ModelSourceError, EmbeddedModelMissing) as exc:
+        print(f"treadle serve: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -143,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p_models.add_argument("--data-dir", type=Path, default=default_data_dir())
     p_models.set_defaults(func=models)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        from treadle.engine.memory import ensure_tuned_allocator
+
+        ensure_tuned_allocator(list(argv) if argv is not None else sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result: int = args.func(args)
     return result

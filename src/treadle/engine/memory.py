@@ -1,33 +1,30 @@
 """Allocator settings for the engine process.
 
 torch frees and re-allocates GB-sized activations every step. glibc serves allocations
-that large with fresh mmaps and returns them on free, so every step re-faults zeroed
-pages: measured here as 20-85 % of a CPU training step (reference/perf-notes.md).
-Keeping freed memory in the heap instead makes the pages warm for the next step.
+that large with fresh mmaps and unmaps them on free, so every step faults in zeroed pages
+again: measured here as 20-85 % of a CPU training step (reference/perf-notes.md). Told to
+keep freed memory (no mmap for big blocks, no trimming), the same step reuses warm pages.
+glibc reads these tunables only at process start, so ``treadle serve`` re-executes itself
+once with them set.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import logging
+import os
+import platform
+import sys
 
-log = logging.getLogger(__name__)
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+_MARKER = "TREADLE_MALLOC_TUNED"
 
 
-def tune_allocator() -> bool:
-    """Stop glibc from unmapping freed memory; a no-op (False) off glibc."""
-    path = ctypes.util.find_library("c")
-    if path is None:
-        return False
-    try:
-        libc = ctypes.CDLL(path)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    log.debug("glibc malloc tuned: %s", ok)
-    return ok
+def ensure_tuned_allocator(argv: list[str]) -> None:
+    """Re-exec this process with the glibc tunables unless they are already in force (or
+    this is not glibc, or ``TREADLE_MALLOC_TUNED`` says to leave the allocator alone)."""
+    if os.environ.get(_MARKER) or platform.libc_ver()[0] != "glibc":
+        return
+    env = dict(os.environ)
+    env[_MARKER] = "1"
+    existing = env.get("GLIBC_TUNABLES")
+    env["GLIBC_TUNABLES"] = f"{existing}:{TUNABLES}" if existing else TUNABLES
+    os.execve(sys.executable, [sys.executable, "-m", "treadle", *argv], env)

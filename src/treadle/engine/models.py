@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from treadle.engine.lora import UNEMBED_MODULE, LoraLinear, wrap_linears
 log = logging.getLogger(__name__)
 
 EMBEDDED_SOURCE = "embedded"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
 
@@ -48,7 +50,7 @@ def resolve_folder(source: str, data_dir: Path) -> Path:
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"{path} has no config.json: not a Hugging Face model folder")
         return path.resolve()
-    if source.count("/") == 1 and not path.exists():
+    if _HUB_ID.match(source) and not path.exists():
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -1,0 +1,82 @@
+"""The command line: model arguments, model sources, and clear startup errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.tiny_models import make_tiny_model
+from treadle.settings import EMBEDDED_DEFAULT, ModelEntry
+
+
+def test_model_entries_parse():
+    assert ModelEntry.parse("Qwen/Qwen3-4B=/models/q") == ModelEntry("Qwen/Qwen3-4B", "/models/q")
+    assert ModelEntry.parse("Org/Name") == ModelEntry("Org/Name", "Org/Name")
+    with pytest.raises(ValueError, match="NAME=PATH_OR_HUB_ID"):
+        ModelEntry.parse("=x")
+    assert EMBEDDED_DEFAULT.name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _treadle(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "treadle", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("/no/such/folder", "neither a model folder nor a hub id"),
+        ("Org/NotCached", "not in the local Hugging Face cache"),
+    ],
+)
+def test_serve_refuses_unusable_models_with_one_line(tmp_path: Path, source: str, message: str):
+    done = _treadle("serve", "--data-dir", str(tmp_path), "--model", f"x={source}")
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_refuses_other_architectures(tmp_path: Path):
+    folder = make_tiny_model(tmp_path / "m", "qwen3")
+    config = (folder / "config.json").read_text().replace('"qwen3"', '"gpt2"')
+    (folder / "config.json").write_text(config)
+    code = (
+        "from pathlib import Path; from treadle.engine.models import load_base_model;"
+        f"load_base_model('x', {str(folder)!r}, Path({str(tmp_path)!r}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "serves llama, qwen2, qwen3" in done.stderr
+
+
+def test_a_hub_id_in_the_local_cache_is_served_from_it(tmp_path: Path):
+    """An HF cache laid out as the hub client leaves it (refs/main -> snapshot)."""
+    repo = tmp_path / "hub" / "models--Org--Tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    make_tiny_model(tmp_path / "src", "llama")
+    shutil.copytree(tmp_path / "src", snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    code = (
+        "from pathlib import Path; from treadle.engine.models import resolve_folder;"
+        "print(resolve_folder('Org/Tiny', Path('.')))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == snapshot
+
+
+def test_help_describes_the_commands():
+    done = _treadle("serve", "--help")
+    assert done.returncode == 0
+    for option in ("--model NAME=SOURCE", "--data-dir", "--port", "--max-tokens-per-pass"):
+        assert option in done.stdout
