@@ -162,8 +162,15 @@ class LoraLinear(nn.Module):
             return self._add_in_place(x, y, spans)
         if len(spans) == 1:
             only = spans[0].adapter
-            delta = only.delta(self.path, x) if only is not None else None
-            return y if delta is None else y + delta
+            pair = only.pairs.get(self.path) if only is not None else None
+            if only is None or pair is None:
+                return y
+            # y + scale · (x Aᵀ) Bᵀ as one fused multiply-add.
+            low = F.linear(x, _cast(pair.a, x.dtype)).reshape(-1, pair.a.shape[0])
+            out = torch.addmm(
+                y.reshape(-1, y.shape[-1]), low, _cast(pair.b, x.dtype).t(), alpha=only.spec.scale
+            )
+            return out.view(y.shape)
         rows = x.reshape(-1, x.shape[-1])
         parts: list[Tensor] = []
         adapted = False

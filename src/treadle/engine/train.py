@@ -31,11 +31,11 @@ _HEAD_CHUNK_ELEMENTS = 2**25
 
 
 class _TargetLogprobs(torch.autograd.Function):
-    """``log softmax(h Wᵀ + e Eᵀ)[targets]`` without keeping the ``[rows, vocab]`` logits.
+    """``log softmax(h Wᵀ + e Eᵀ)[targets]``, chunk by chunk of rows, in place.
 
-    The forward keeps only the log-normaliser per row; the backward recomputes each
-    chunk's logits (one extra head matmul, a few percent of a step) instead of storing
-    them — the logits would otherwise be the largest activation of small models.
+    Each chunk's logits become its softmax probabilities in their own buffer, which is
+    all the backward needs (``∂/∂logits = onehot(g) - p·Σg``): no full log-softmax, no
+    second copy, no recomputed head matmul. Without gradients nothing is kept.
     ``e, E`` are the LoRA pair of the unembedding (``e = scale · h Aᵀ``, ``E = B``).
     """
 
@@ -48,52 +48,46 @@ class _TargetLogprobs(torch.autograd.Function):
         extra_hidden: Tensor | None,
         extra_weight: Tensor | None,
     ) -> Tensor:
+        keep = any(ctx.needs_input_grad)
         rows = max(1, _HEAD_CHUNK_ELEMENTS // weight.shape[0])
         out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        probs: list[Tensor] = []
         for start in range(0, hidden.shape[0], rows):
             part = slice(start, start + rows)
-            logits = _logits(hidden[part], weight, extra_hidden, extra_weight, part)
-            lse[part] = torch.logsumexp(logits, dim=-1)
-            out[part] = logits.gather(-1, targets[part]) - lse[part, None]
-        ctx.save_for_backward(hidden, weight, targets, extra_hidden, extra_weight, lse)
+            logits = (hidden[part] @ weight.t()).float()
+            if extra_hidden is not None and extra_weight is not None:
+                logits.addmm_(extra_hidden[part].float(), extra_weight.float().t())
+            picked = logits.gather(-1, targets[part])
+            peak = logits.amax(-1, keepdim=True)
+            total = logits.sub_(peak).exp_().sum(-1, keepdim=True)
+            out[part] = picked - peak - total.log()
+            if keep:
+                probs.append(logits.div_(total))
+        ctx.save_for_backward(weight, targets, extra_hidden, extra_weight, *probs)
+        ctx.rows = rows
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, targets, extra_hidden, extra_weight, lse = ctx.saved_tensors
-        rows = max(1, _HEAD_CHUNK_ELEMENTS // weight.shape[0])
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        weight, targets, extra_hidden, extra_weight, *probs = ctx.saved_tensors
+        dtype = weight.dtype
+        n = targets.shape[0]
+        grad_hidden = weight.new_empty(n, weight.shape[1]) if ctx.needs_input_grad[0] else None
         grad_extra = torch.empty_like(extra_hidden) if ctx.needs_input_grad[3] else None
         grad_extra_weight = torch.zeros_like(extra_weight) if ctx.needs_input_grad[4] else None
-        for start in range(0, hidden.shape[0], rows):
-            part = slice(start, start + rows)
-            logits = _logits(hidden[part], weight, extra_hidden, extra_weight, part)
+        for index, start in enumerate(range(0, n, ctx.rows)):
+            part = slice(start, start + ctx.rows)
             g = grad_out[part].float()
-            # d/dlogits of Σ_k g_k (logit[t_k] - lse) = onehot-scatter(g) - softmax · Σ_k g_k
-            grad_logits = torch.exp(logits - lse[part, None]).mul_(-g.sum(-1, keepdim=True))
-            grad_logits.scatter_add_(-1, targets[part], g)
-            grad_logits = grad_logits.to(hidden.dtype)
+            # d/dlogits of Σ_k g_k log p[t_k] = onehot-scatter(g) - p · Σ_k g_k
+            grad_logits = probs[index].mul_(-g.sum(-1, keepdim=True))
+            grad_logits = grad_logits.scatter_add_(-1, targets[part], g).to(dtype)
             if grad_hidden is not None:
                 grad_hidden[part] = grad_logits @ weight
             if grad_extra is not None:
                 grad_extra[part] = grad_logits @ extra_weight
             if grad_extra_weight is not None:
-                grad_extra_weight += grad_logits.t() @ extra_hidden[part]
+                grad_extra_weight.addmm_(grad_logits.t(), extra_hidden[part])
         return grad_hidden, None, None, grad_extra, grad_extra_weight
-
-
-def _logits(
-    hidden: Tensor,
-    weight: Tensor,
-    extra_hidden: Tensor | None,
-    extra_weight: Tensor | None,
-    part: slice,
-) -> Tensor:
-    logits = hidden @ weight.t()
-    if extra_hidden is not None and extra_weight is not None:
-        logits = logits + extra_hidden[part] @ extra_weight.t()
-    return logits.float()
 
 
 def target_logprobs(
