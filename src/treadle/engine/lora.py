@@ -153,8 +153,7 @@ class LoraLinear(nn.Module):
         self.path = path
 
     def forward(self, x: Tensor) -> Tensor:
-        # nn.Linear.forward itself, minus a module call: decode runs hundreds per token.
-        y = F.linear(x, self.base.weight, self.base.bias)
+        y = _base_linear(x, self.base.weight, self.base.bias)
         spans = _ROUTING.get()
         if not spans:
             return y
@@ -209,6 +208,23 @@ class LoraLinear(nn.Module):
                 part = slice(span.start, span.stop) if where is None else where
                 out[part].addmm_(F.linear(rows[part], a), b.t(), alpha=scale)
         return y
+
+
+# From 2 up to this many rows (decode batches), no-grad products run as W·xᵀ: on CPU, MKL is
+# ~1.5x faster at [out, in] x [in, few] than at [few, in] x [in, out] (measured at 16 rows
+# for every SmolLM2 shape, the unembedding included).
+_THIN_ROWS = 64
+
+
+def _base_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    rows = x.numel() // x.shape[-1]
+    if not 1 < rows <= _THIN_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
+        # nn.Linear.forward itself, minus a module call: decode runs hundreds per token.
+        return F.linear(x, weight, bias)
+    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
