@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p_models.set_defaults(func=models)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from treadle.engine.memory import ensure_tuned_allocator
+        from treadle.engine.process import ensure_tuned_process
 
-        ensure_tuned_allocator(list(argv) if argv is not None else sys.argv[1:])
+        ensure_tuned_process(list(argv) if argv is not None else sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result: int = args.func(args)
     return result

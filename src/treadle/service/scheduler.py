@@ -69,8 +69,10 @@ class Scheduler:
         run_packed: PackedRunner,
         result_of: ResultOf,
         sampler: Sampler,
+        prepare_thread: Callable[[], None],
     ) -> None:
         self.name = name
+        self._prepare_thread = prepare_thread
         self._sampler = sampler
         self._incoming: list[tuple[SampleRequest, SampleDone]] = []
         self._futures = futures
@@ -162,6 +164,7 @@ class Scheduler:
     def _loop(self) -> None:
         """Alternate one decode step of every running sample with one training cycle, so
         neither starves the other."""
+        self._prepare_thread()
         while True:
             with self._lock:
                 cycle = self._take_cycle()

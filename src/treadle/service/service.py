@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from treadle.engine.models import load_base_model
+from treadle.engine.process import claim_compute_threads
 from treadle.engine.sample import Sampler
 from treadle.service.engines import Engine
 from treadle.service.futures import FutureStore
@@ -45,6 +46,7 @@ class Service:
                 packed_runner(base, settings.max_tokens_per_pass),
                 result_of,
                 Sampler(base, base.decode),
+                claim_compute_threads,
             )
             scheduler.start()
             engines[entry.name] = Engine(base, scheduler)

@@ -1,0 +1,63 @@
+"""Process settings for ``treadle serve``: the allocator and the CPU threads.
+
+Allocator: torch frees and re-allocates GB-sized activations every step. glibc serves
+allocations that large with fresh mmaps and unmaps them on free, so every step faults in
+zeroed pages again: measured here as 20-85 % of a CPU training step
+(reference/perf-notes.md). Told to keep freed memory (no mmap for big blocks, no
+trimming), the same step reuses warm pages.
+
+Threads: one engine thread per model does the compute and should have every core.
+libgomp (torch's OpenMP) gives each thread that starts a parallel region a team of its
+own, and once the process holds more OpenMP threads than cores it stops spinning at
+barriers and sleeps instead, so each of the thousands of parallel regions of a decode
+pass waits for a futex wake-up. Loading the model on a start-up thread was enough to
+trigger it: a decode pass ran 1.6x slower in the server than in a script. So every
+thread starts with one OpenMP thread (``OMP_NUM_THREADS=1``) and engine threads claim
+the cores with :func:`claim_compute_threads`.
+
+glibc and libgomp read these settings only at process start, so ``treadle serve``
+re-executes itself once with them set.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import torch
+
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+_MARKER = "TREADLE_PROCESS_TUNED"
+# The cores engine threads use: the user's OMP_NUM_THREADS if set, else every core this
+# process may run on (libgomp's own default).
+_COMPUTE_THREADS = "TREADLE_COMPUTE_THREADS"
+
+
+def ensure_tuned_process(argv: list[str]) -> None:
+    """Re-exec this process with the settings above unless they are already in force (or
+    ``TREADLE_PROCESS_TUNED`` says to leave the process alone)."""
+    if os.environ.get(_MARKER):
+        return
+    env = dict(os.environ)
+    env[_MARKER] = "1"
+    if platform.libc_ver()[0] == "glibc":
+        existing = env.get("GLIBC_TUNABLES")
+        env["GLIBC_TUNABLES"] = f"{existing}:{TUNABLES}" if existing else TUNABLES
+    env[_COMPUTE_THREADS] = env.get("OMP_NUM_THREADS") or str(_usable_cores())
+    env["OMP_NUM_THREADS"] = "1"
+    os.execve(sys.executable, [sys.executable, "-m", "treadle", *argv], env)
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def claim_compute_threads() -> None:
+    """Give the calling (engine) thread the cores, when the process was started by
+    :func:`ensure_tuned_process`; otherwise torch's defaults stand."""
+    threads = os.environ.get(_COMPUTE_THREADS)
+    if threads:
+        torch.set_num_threads(int(threads))
