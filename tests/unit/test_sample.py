@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from tests.fixtures.tiny_models import IM_END, make_byte_tokenizer, make_tiny_model
 from treadle.engine import sample
-from treadle.engine.attention import KVCache, cache_decode, cached, segment_attention
+from treadle.engine.attention import KVCache, cache_decode, decode_attention
 from treadle.engine.datum import Datum, UserInputError
 from treadle.engine.lora import Adapter, LoraSpec, new_adapter
 from treadle.engine.losses import LOSSES
@@ -38,7 +37,7 @@ def _decode(tokens: Sequence[int]) -> str:
     return TOKENIZER.decode(list(tokens))
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen2", "llama"])
 def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BaseModel:
     folder = make_tiny_model(
         tmp_path_factory.mktemp(request.param) / "m", request.param, tie_word_embeddings=False
@@ -47,8 +46,16 @@ def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     # greedy margins are ~1e-3 and sampling tests say little; a sharper head gives
     # distributions like a real model's (top token ~5 %).
     net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    # Fresh biases (Qwen2's q/k/v) are zero and norm gains one, which would hide a decode
+    # pass that drops or misplaces them.
+    gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         net.lm_head.weight.mul_(8.0)
+        for name, param in net.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+            elif name.endswith("norm.weight"):
+                param.mul_(1 + 0.1 * torch.randn(param.shape, generator=gen))
     net.save_pretrained(folder)
     return load_base_model("tiny", str(folder), folder.parent)
 
@@ -223,7 +230,8 @@ def test_continuous_batching_gives_each_request_what_it_gets_alone(base: BaseMod
         assert isinstance(got, SampleResult)
         assert [s.tokens for s in got.sequences] == [s.tokens for s in want.sequences]
         for s, t in zip(got.sequences, want.sequences, strict=True):
-            np.testing.assert_allclose(s.logprobs, t.logprobs, atol=1e-5)
+            # Batch size picks the matmul kernel, so float32 rounding differs slightly.
+            np.testing.assert_allclose(s.logprobs, t.logprobs, atol=1e-4)
             assert s.stop_reason == t.stop_reason == "length"
 
 
@@ -462,15 +470,12 @@ def test_decode_attention_reads_each_slots_own_past():
     for slot, n in enumerate(lengths):
         cache.keys[0][slot, :, :n] = torch.randn(2, n, 8, generator=gen)
         cache.values[0][slot, :, :n] = torch.randn(2, n, 8, generator=gen)
-    module = nn.Module()
-    module.layer_idx = 0
     for slots in ([0, 1, 2, 3], [3, 1]):
         positions = [lengths[s] for s in slots]
         query = torch.randn(len(slots), 6, 1, 8, generator=gen)
         key = torch.randn(len(slots), 2, 1, 8, generator=gen)
         value = torch.randn(len(slots), 2, 1, 8, generator=gen)
-        with cached(cache_decode(cache, slots, positions)):
-            out, _ = segment_attention(module, query, key, value, None, scaling=0.3)
+        out = decode_attention(cache_decode(cache, slots, positions), 0, query, key, value, 0.3)
         assert out.shape == (len(slots), 1, 6, 8)
         for row, (slot, n) in enumerate(zip(slots, positions, strict=True)):
             past_k = torch.cat([cache.keys[0][slot, :, :n], key[row]], dim=1)

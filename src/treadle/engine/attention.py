@@ -9,8 +9,9 @@ the stock Llama/Qwen modules run unchanged.
 
 Sampling passes keep their keys (after RoPE) and values in a :class:`KVCache` that the
 sampler owns: a prefill pass is packed like training and also writes each segment to its
-cache slots (:class:`CachePrefill`); a decode pass has one new token per slot, writes it
-at the slot's length and attends over the slot's past (:class:`CacheDecode`).
+cache slots (:class:`CachePrefill`); a decode pass (:mod:`treadle.engine.decode`) has one
+new token per slot and, through :func:`decode_attention`, writes it at the slot's length
+and attends over the slot's past (:class:`CacheDecode`).
 """
 
 from __future__ import annotations
@@ -141,14 +142,14 @@ def cache_decode(cache: KVCache, slots: Sequence[int], positions: Sequence[int])
     )
 
 
-_CACHE_PASS: contextvars.ContextVar[CachePrefill | CacheDecode | None] = contextvars.ContextVar(
+_CACHE_PASS: contextvars.ContextVar[CachePrefill | None] = contextvars.ContextVar(
     "treadle_cache_pass", default=None
 )
 
 
 @contextlib.contextmanager
-def cached(cache_pass: CachePrefill | CacheDecode) -> Iterator[None]:
-    """Within this block, passes read and write the KV cache as ``cache_pass`` says."""
+def cached(cache_pass: CachePrefill) -> Iterator[None]:
+    """Within this block, passes write the KV cache as ``cache_pass`` says."""
     token = _CACHE_PASS.set(cache_pass)
     try:
         yield
@@ -167,9 +168,7 @@ def segment_attention(
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     cache_pass = _CACHE_PASS.get()
-    if isinstance(cache_pass, CacheDecode):
-        return _decode_attention(cache_pass, _layer(module), query, key, value, scaling), None
-    if isinstance(cache_pass, CachePrefill):
+    if cache_pass is not None:
         _store_prompts(cache_pass, _layer(module), key, value)
         return _causal_segments(query, key, value, cache_pass.lengths, scaling), None
     lengths = _SEGMENTS.get()
@@ -226,7 +225,7 @@ def _store_prompts(prefill: CachePrefill, layer: int, key: Tensor, value: Tensor
         start = stop
 
 
-def _decode_attention(
+def decode_attention(
     decode: CacheDecode,
     layer: int,
     query: Tensor,
@@ -234,7 +233,8 @@ def _decode_attention(
     value: Tensor,
     scaling: float | None,
 ) -> Tensor:
-    # query: [rows, heads, 1, dim]; key/value: [rows, kv_heads, 1, dim].
+    """Store the new keys and values of ``layer`` and attend: query ``[rows, heads, 1,
+    dim]``, key/value ``[rows, kv_heads, 1, dim]`` in; ``[rows, 1, heads, dim]`` out."""
     keys, values = decode.cache.keys[layer], decode.cache.values[layer]
     rows, heads, _, dim = query.shape
     # One indexed copy per buffer (a flat view: [slot, head, position] rows of ``dim``).

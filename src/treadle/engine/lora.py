@@ -153,12 +153,13 @@ class LoraLinear(nn.Module):
         self.path = path
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _base_linear(x, self.base.weight, self.base.bias)
+        y = base_linear(x, self.base.weight, self.base.bias)
         spans = _ROUTING.get()
         if not spans:
             return y
         if spans[0].rows is not None:
-            return self._add_in_place(x, y, spans)
+            self.add_deltas(x, y)
+            return y
         if len(spans) == 1:
             only = spans[0].adapter
             pair = only.pairs.get(self.path) if only is not None else None
@@ -186,14 +187,15 @@ class LoraLinear(nn.Module):
             return y
         return y + torch.cat(parts).reshape(y.shape)
 
-    def _add_in_place(self, x: Tensor, y: Tensor, spans: Sequence[Span]) -> Tensor:
-        """Add each span's delta into its rows of ``y``, fused into one multiply-add (an
-        indexed one for scattered rows). At decode every matmul is a thin matrix-vector
-        product, so the training path's extra kernels and copies would cost as much as
-        the LoRA arithmetic itself. Rows of no span keep the base output."""
+    def add_deltas(self, x: Tensor, y: Tensor) -> None:
+        """Add each routed span's delta into its rows of ``y`` (this layer's output for
+        ``x``, or a view of it), in place, so inference passes only: one fused
+        multiply-add per span (an indexed one for scattered rows). At decode every matmul
+        is a thin matrix-vector product, so the training path's extra kernels and copies
+        would cost as much as the LoRA arithmetic itself. Rows of no span keep ``y``."""
         rows = x.reshape(-1, x.shape[-1])
         out = y.view(-1, y.shape[-1])
-        for span in spans:
+        for span in _ROUTING.get() or ():
             if span.adapter is None:
                 continue
             pair = span.adapter.pairs.get(self.path)
@@ -207,7 +209,6 @@ class LoraLinear(nn.Module):
             else:
                 part = slice(span.start, span.stop) if where is None else where
                 out[part].addmm_(F.linear(rows[part], a), b.t(), alpha=scale)
-        return y
 
 
 # From 2 up to this many rows (decode batches), no-grad products run as W·xᵀ: on CPU, MKL is
@@ -216,7 +217,8 @@ class LoraLinear(nn.Module):
 _THIN_ROWS = 64
 
 
-def _base_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)``, computed the fastest way for the rows at hand."""
     rows = x.numel() // x.shape[-1]
     if not 1 < rows <= _THIN_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
         # nn.Linear.forward itself, minus a module call: decode runs hundreds per token.

@@ -4,8 +4,9 @@ One :class:`Sampler` serves any number of requests, from any adapters of one bas
 from a single engine thread. Each :meth:`Sampler.step` first admits waiting requests —
 their prompts prefilled together in one packed pass, like a training pass, each prompt
 once however many samples it asks for — and then advances every running sequence by one
-token in one decode pass. A sequence that finishes frees its cache slot at once and the
-next step admits new work into it, so short and long requests never wait for each other.
+token in one decode pass (:mod:`treadle.engine.decode`). A sequence that finishes frees
+its cache slot at once and the next step admits new work into it, so short and long
+requests never wait for each other.
 
 The rows of a decode pass belong to different adapters (or to none): the base matmuls
 are shared and each adapter adds its delta to its own rows (:mod:`treadle.engine.lora`).
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from treadle.engine.attention import CachePrefill, KVCache, cache_decode, cached
 from treadle.engine.datum import UserInputError
+from treadle.engine.decode import DecodeStack
 from treadle.engine.lora import UNEMBED_MODULE, Adapter, Span, routing
 from treadle.engine.models import BaseModel
 
@@ -148,6 +150,7 @@ class Sampler:
         # Bounds the activations of one prefill pass; a longer prompt still runs, alone.
         self.max_prefill_tokens = max_prefill_tokens
         self._head = base.layers[UNEMBED_MODULE]
+        self._stack = DecodeStack(base)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Sequence] = []
         self._cache: KVCache | None = None
@@ -305,13 +308,10 @@ class Sampler:
         cache = self._cache_for()
         cache.reserve(len(self._running), max(positions) + 1)
         device = self.base.device
-        tokens = torch.tensor([s.tokens[-1] for s in sequences], device=device)[:, None]
+        tokens = torch.tensor([s.tokens[-1] for s in sequences], device=device)
         spans = _spans([s.owner.request.adapter for s in sequences], [1] * len(slots), device)
-        decode = cache_decode(cache, slots, positions)
-        with routing(spans), cached(decode):
-            hidden = self.base.backbone(
-                input_ids=tokens, position_ids=decode.positions[:, None], use_cache=False
-            ).last_hidden_state[:, 0]
+        with routing(spans):
+            hidden = self._stack(tokens, cache_decode(cache, slots, positions))
         chosen, logprobs = self._choose(self._logits(hidden, spans), sequences)
         for sequence in sequences:
             sequence.length += 1
