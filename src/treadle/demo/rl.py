@@ -2,12 +2,14 @@
 them with a programmatic reward, turn rewards into group-relative advantages, take an
 ``importance_sampling`` step, sample again from the new weights.
 
-The task of :func:`main`: answer questions in exactly one word. The instruct model
-answers in sentences at first; the reward (1 for a one-word answer that ends the turn,
-else 0) teaches it brevity within a few steps.
+The task of :func:`main`: answer simple questions right, in one word. The instruct model
+answers in sentences at first; the reward (:func:`concise_answer_reward`) pays for the
+right word and divides by the length of the answer, so it learns brevity without
+learning to say any one word to everything (a pure one-word reward taught it to answer
+"SmolLM" to every question).
 
     TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-local \\
-        python -m treadle.demo.rl --steps 12
+        python -m treadle.demo.rl --steps 16
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ import tinker
 from tinker import types
 
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Each question with the words accepted as its answer.
 QUESTIONS = [
-    "What color is the sky on a clear day?",
-    "Which animal says moo?",
-    "What is the opposite of hot?",
-    "What is frozen water called?",
-    "Which planet do we live on?",
-    "What do bees make?",
-    "What is the capital of Italy?",
-    "How many legs does a spider have?",
+    ("What color is the sky on a clear day?", ("blue",)),
+    ("Which animal says moo?", ("cow", "cows")),
+    ("What is the opposite of hot?", ("cold",)),
+    ("What is frozen water called?", ("ice",)),
+    ("Which planet do we live on?", ("earth",)),
+    ("What do bees make?", ("honey",)),
+    ("What is the capital of Italy?", ("rome",)),
+    ("How many legs does a spider have?", ("eight", "8")),
 ]
 
-Reward = Callable[[list[int]], float]
+# (index of the prompt, sampled tokens) -> reward
+Reward = Callable[[int, list[int]], float]
 
 
 def group_advantages(rewards: Sequence[float]) -> list[float]:
@@ -66,9 +70,9 @@ def rl_loop(
         ]
         data: list[types.Datum] = []
         rewards_all: list[float] = []
-        for prompt, future in zip(prompts, futures, strict=True):
+        for index, (prompt, future) in enumerate(zip(prompts, futures, strict=True)):
             sequences = future.result().sequences
-            rewards = [reward(list(s.tokens)) for s in sequences]
+            rewards = [reward(index, list(s.tokens)) for s in sequences]
             rewards_all += rewards
             for seq, advantage in zip(sequences, group_advantages(rewards), strict=True):
                 if advantage == 0 or not seq.tokens:
@@ -102,22 +106,27 @@ def rl_loop(
     return history
 
 
-def one_word_reward(decode: Callable[[list[int]], str], end_of_turn: int) -> Reward:
-    """1 if the answer is a single word and the model ended its turn, else 0."""
+def concise_answer_reward(
+    decode: Callable[[list[int]], str], answers: Sequence[Sequence[str]], end_of_turn: int
+) -> Reward:
+    """1 / (words in the answer) if the answer to prompt ``i`` contains one of
+    ``answers[i]`` and the model ended its turn, else 0: the right word alone scores 1."""
 
-    def reward(tokens: list[int]) -> float:
+    def reward(index: int, tokens: list[int]) -> float:
         if not tokens or tokens[-1] != end_of_turn:
             return 0.0
-        words = re.findall(r"[A-Za-z0-9']+", decode(tokens[:-1]))
-        return 1.0 if len(words) == 1 else 0.0
+        words = re.findall(r"[a-z0-9']+", decode(tokens[:-1]).lower())
+        if not any(answer in words for answer in answers[index]):
+            return 0.0
+        return 1.0 / len(words)
 
     return reward
 
 
 def main(argv: Sequence[str] | None = None) -> list[float]:
-    parser = argparse.ArgumentParser(description="Teach one-word answers by RL.")
+    parser = argparse.ArgumentParser(description="Teach right one-word answers by RL.")
     parser.add_argument("--model", default=MODEL_NAME)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--max-tokens", type=int, default=24)
@@ -134,13 +143,15 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
             ),
             add_special_tokens=False,
         )
-        for q in QUESTIONS
+        for q, _ in QUESTIONS
     ]
     end_of_turn = tokenizer.eos_token_id
     history = rl_loop(
         training_client,
         prompts,
-        one_word_reward(lambda t: str(tokenizer.decode(t)), end_of_turn),
+        concise_answer_reward(
+            lambda t: str(tokenizer.decode(t)), [a for _, a in QUESTIONS], end_of_turn
+        ),
         steps=args.steps,
         group_size=args.group_size,
         max_tokens=args.max_tokens,
@@ -150,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     )
     sampler = training_client.save_weights_and_get_sampling_client().result()
     greedy = types.SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=[end_of_turn])
-    for question, prompt in zip(QUESTIONS[:4], prompts, strict=False):
+    for (question, _), prompt in zip(QUESTIONS, prompts, strict=True):
         answer = sampler.sample(types.ModelInput.from_ints(prompt), 1, greedy).result()
         text = tokenizer.decode(answer.sequences[0].tokens, skip_special_tokens=True)
         print(f"{question} -> {text!r}")
