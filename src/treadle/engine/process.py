@@ -13,7 +13,8 @@ barriers and sleeps instead, so each of the thousands of parallel regions of a d
 pass waits for a futex wake-up. Loading the model on a start-up thread was enough to
 trigger it: a decode pass ran 1.6x slower in the server than in a script. So every
 thread starts with one OpenMP thread (``OMP_NUM_THREADS=1``) and engine threads claim
-the cores with :func:`claim_compute_threads`.
+the cores with :func:`claim_compute_threads`. (Serving several models from one CPU brings
+back several teams; one model per process is the fast setup there.)
 
 glibc and libgomp read these settings only at process start, so ``treadle serve``
 re-executes itself once with them set.
