@@ -29,22 +29,33 @@ from treadle.engine.lora import LoraLinear, base_linear
 from treadle.engine.models import BaseModel
 
 
-def _fuse(projections: Sequence[LoraLinear]) -> tuple[Tensor, Tensor | None]:
-    """One ``[sum(out), in]`` weight (and bias) holding ``projections`` stacked; each
-    projection's weight becomes a view of its rows, so training reads the same memory."""
-    linears = [p.base for p in projections]
-    weight = torch.cat([linear.weight.data for linear in linears])
-    bias = None
-    if any(linear.bias is not None for linear in linears):
-        bias = torch.cat([_bias_or_zeros(linear) for linear in linears])
-    start = 0
-    for linear in linears:
-        stop = start + linear.out_features
-        linear.weight.data = weight[start:stop]
-        if linear.bias is not None and bias is not None:
-            linear.bias.data = bias[start:stop]
-        start = stop
-    return weight, bias
+class _Fused:
+    """Projections of one input (q/k/v, or gate/up) as one matmul: a ``[sum(out), in]``
+    weight (and bias) holding them stacked. Each projection's weight becomes a view of its
+    rows, so nothing is duplicated and training reads the same memory."""
+
+    def __init__(self, projections: Sequence[LoraLinear]) -> None:
+        self.projections = projections
+        linears = [p.base for p in projections]
+        self.weight = torch.cat([linear.weight.data for linear in linears])
+        self.bias = None
+        if any(linear.bias is not None for linear in linears):
+            self.bias = torch.cat([_bias_or_zeros(linear) for linear in linears])
+        start = 0
+        for linear in linears:
+            stop = start + linear.out_features
+            linear.weight.data = self.weight[start:stop]
+            if linear.bias is not None and self.bias is not None:
+                linear.bias.data = self.bias[start:stop]
+            start = stop
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        """Each projection's output (with its routed adapter deltas)."""
+        fused = base_linear(x, self.weight, self.bias)
+        outputs = list(fused.split([p.base.out_features for p in self.projections], dim=-1))
+        for projection, out in zip(self.projections, outputs, strict=True):
+            projection.add_deltas(x, out)
+        return outputs
 
 
 def _bias_or_zeros(linear: nn.Linear) -> Tensor:
@@ -72,15 +83,11 @@ class _Layer:
     index: int
     input_norm: nn.Module
     post_norm: nn.Module
-    qkv: tuple[LoraLinear, LoraLinear, LoraLinear]  # q_proj, k_proj, v_proj
-    qkv_weight: Tensor
-    qkv_bias: Tensor | None
+    qkv: _Fused  # q_proj, k_proj, v_proj
     q_norm: nn.Module | None  # Qwen3's per-head norms
     k_norm: nn.Module | None
     o_proj: LoraLinear
-    gate_up: tuple[LoraLinear, LoraLinear]
-    gate_up_weight: Tensor
-    gate_up_bias: Tensor | None
+    gate_up: _Fused  # gate_proj, up_proj
     down_proj: LoraLinear
     act: Callable[[Tensor], Tensor]
     heads: int
@@ -90,7 +97,7 @@ class _Layer:
 
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, decode: CacheDecode) -> Tensor:
         rows = x.shape[0]
-        q, k, v = _project(x, self.qkv, self.qkv_weight, self.qkv_bias)
+        q, k, v = self.qkv(x)
         q = q.view(rows, self.heads, self.head_dim)
         k = k.view(rows, self.kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
@@ -107,20 +114,9 @@ class _Layer:
         return result
 
     def mlp(self, x: Tensor) -> Tensor:
-        gate, up = _project(x, self.gate_up, self.gate_up_weight, self.gate_up_bias)
+        gate, up = self.gate_up(x)
         result: Tensor = self.down_proj(self.act(gate) * up)
         return result
-
-
-def _project(
-    x: Tensor, projections: Sequence[LoraLinear], weight: Tensor, bias: Tensor | None
-) -> list[Tensor]:
-    """Each projection's output (with its routed adapter deltas), from one fused matmul."""
-    fused = base_linear(x, weight, bias)
-    outputs = list(fused.split([p.base.out_features for p in projections], dim=-1))
-    for projection, out in zip(projections, outputs, strict=True):
-        projection.add_deltas(x, out)
-    return outputs
 
 
 class DecodeStack:
@@ -138,28 +134,22 @@ class DecodeStack:
     @staticmethod
     def _layer(index: int, layer: Any) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv: tuple[LoraLinear, LoraLinear, LoraLinear] = (attn.q_proj, attn.k_proj, attn.v_proj)
-        gate_up: tuple[LoraLinear, LoraLinear] = (mlp.gate_proj, mlp.up_proj)
-        qkv_weight, qkv_bias = _fuse(qkv)
-        gate_up_weight, gate_up_bias = _fuse(gate_up)
+        q_proj: LoraLinear = attn.q_proj
+        k_proj: LoraLinear = attn.k_proj
         head_dim = int(attn.head_dim)
         return _Layer(
             index=index,
             input_norm=layer.input_layernorm,
             post_norm=layer.post_attention_layernorm,
-            qkv=qkv,
-            qkv_weight=qkv_weight,
-            qkv_bias=qkv_bias,
+            qkv=_Fused((q_proj, k_proj, attn.v_proj)),
             q_norm=getattr(attn, "q_norm", None),
             k_norm=getattr(attn, "k_norm", None),
             o_proj=attn.o_proj,
-            gate_up=gate_up,
-            gate_up_weight=gate_up_weight,
-            gate_up_bias=gate_up_bias,
+            gate_up=_Fused((mlp.gate_proj, mlp.up_proj)),
             down_proj=mlp.down_proj,
             act=mlp.act_fn,
-            heads=qkv[0].base.out_features // head_dim,
-            kv_heads=qkv[1].base.out_features // head_dim,
+            heads=q_proj.base.out_features // head_dim,
+            kv_heads=k_proj.base.out_features // head_dim,
             head_dim=head_dim,
             scaling=float(attn.scaling),
         )
