@@ -6,8 +6,10 @@ spend ~10k aten calls per pass on a 30-layer model. :class:`DecodeStack` compute
 same function — the transformers modules stay the reference, and the sampler's tests
 hold the two to ``generate`` and to the trainer's forward — in fewer, larger operations:
 q/k/v and gate/up each run as one matmul over weights stored side by side (the
-projections' own weights become views of those buffers, so nothing is duplicated), and
-the norms, rotary embedding and residual adds skip the module plumbing around them.
+projections' own weights become views of those buffers, so nothing is duplicated), their
+outputs stay transposed (``[features, rows]``, the form MKL's fastest thin product
+returns) instead of being copied back to rows, and the norms, rotary embedding and
+residual adds skip the module plumbing around them.
 
 Supported: the architectures :mod:`treadle.engine.models` serves (Llama, Qwen2 with its
 q/k/v biases, Qwen3 with its per-head q/k norms); the rotary embedding is the model's
@@ -25,18 +27,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from treadle.engine.attention import CacheDecode, decode_attention
-from treadle.engine.lora import LoraLinear, base_linear
+from treadle.engine.lora import LoraLinear, thin_linear_t
 from treadle.engine.models import BaseModel
 
 
 class _Fused:
-    """Projections of one input (q/k/v, or gate/up) as one matmul: a ``[sum(out), in]``
-    weight (and bias) holding them stacked. Each projection's weight becomes a view of its
-    rows, so nothing is duplicated and training reads the same memory."""
+    """Projections of one input (q/k/v, gate/up, or a single one) as one matmul: a
+    ``[sum(out), in]`` weight (and bias) holding them stacked. Each projection's weight
+    becomes a view of its rows, so nothing is duplicated and training reads the same
+    memory."""
 
     def __init__(self, projections: Sequence[LoraLinear]) -> None:
         self.projections = projections
         linears = [p.base for p in projections]
+        if len(linears) == 1:
+            self.weight, self.bias = linears[0].weight.data, _bias_data(linears[0])
+            return
         self.weight = torch.cat([linear.weight.data for linear in linears])
         self.bias = None
         if any(linear.bias is not None for linear in linears):
@@ -49,13 +55,20 @@ class _Fused:
                 linear.bias.data = self.bias[start:stop]
             start = stop
 
-    def __call__(self, x: Tensor) -> list[Tensor]:
-        """Each projection's output (with its routed adapter deltas)."""
-        fused = base_linear(x, self.weight, self.bias)
-        outputs = list(fused.split([p.base.out_features for p in self.projections], dim=-1))
-        for projection, out in zip(self.projections, outputs, strict=True):
-            projection.add_deltas(x, out)
-        return outputs
+    def __call__(self, x_t: Tensor) -> Tensor:
+        """The projections' outputs stacked, ``[sum(out), rows]``, with their routed
+        adapter deltas, from the input ``x_t`` ``[in, rows]``."""
+        y_t = thin_linear_t(x_t, self.weight, self.bias)
+        start = 0
+        for projection in self.projections:
+            stop = start + projection.base.out_features
+            projection.add_deltas(x_t, y_t[start:stop])
+            start = stop
+        return y_t
+
+
+def _bias_data(linear: nn.Linear) -> Tensor | None:
+    return None if linear.bias is None else linear.bias.data
 
 
 def _bias_or_zeros(linear: nn.Linear) -> Tensor:
@@ -86,20 +99,25 @@ class _Layer:
     qkv: _Fused  # q_proj, k_proj, v_proj
     q_norm: nn.Module | None  # Qwen3's per-head norms
     k_norm: nn.Module | None
-    o_proj: LoraLinear
+    o_proj: _Fused
     gate_up: _Fused  # gate_proj, up_proj
-    down_proj: LoraLinear
+    down_proj: _Fused
     act: Callable[[Tensor], Tensor]
     heads: int
     kv_heads: int
     head_dim: int
     scaling: float
 
+    # Projection outputs stay transposed, [features, rows] (see _Fused): a row's
+    # features are read through strided views, which the elementwise ops take as they are.
+
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, decode: CacheDecode) -> Tensor:
-        rows = x.shape[0]
-        q, k, v = self.qkv(x)
-        q = q.view(rows, self.heads, self.head_dim)
-        k = k.view(rows, self.kv_heads, self.head_dim)
+        rows, dim = x.shape[0], self.head_dim
+        q_size, kv_size = self.heads * dim, self.kv_heads * dim
+        qkv = self.qkv(x.t())
+        q = qkv[:q_size].t().view(rows, self.heads, dim)
+        k = qkv[q_size : q_size + kv_size].t().view(rows, self.kv_heads, dim)
+        v = qkv[q_size + kv_size :].t().view(rows, self.kv_heads, 1, dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = decode_attention(
@@ -107,16 +125,15 @@ class _Layer:
             self.index,
             _rotate(q, cos, sin)[:, :, None],
             _rotate(k, cos, sin)[:, :, None],
-            v.reshape(rows, self.kv_heads, 1, self.head_dim),
+            v,
             self.scaling,
         )
-        result: Tensor = self.o_proj(out.reshape(rows, self.heads * self.head_dim))
-        return result
+        return self.o_proj(out.reshape(rows, q_size).t()).t()
 
     def mlp(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x)
-        result: Tensor = self.down_proj(self.act(gate) * up)
-        return result
+        gate_up = self.gate_up(x.t())
+        inner = gate_up.shape[0] // 2
+        return self.down_proj(self.act(gate_up[:inner]) * gate_up[inner:]).t()
 
 
 class DecodeStack:
@@ -144,9 +161,9 @@ class DecodeStack:
             qkv=_Fused((q_proj, k_proj, attn.v_proj)),
             q_norm=getattr(attn, "q_norm", None),
             k_norm=getattr(attn, "k_norm", None),
-            o_proj=attn.o_proj,
+            o_proj=_Fused((attn.o_proj,)),
             gate_up=_Fused((mlp.gate_proj, mlp.up_proj)),
-            down_proj=mlp.down_proj,
+            down_proj=_Fused((mlp.down_proj,)),
             act=mlp.act_fn,
             heads=q_proj.base.out_features // head_dim,
             kv_heads=k_proj.base.out_features // head_dim,
