@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from treadle.engine.attention import CacheDecode, decode_attention
 from treadle.engine.lora import LoraLinear, thin_linear_t
 from treadle.engine.models import BaseModel
+from treadle.engine.thin_matmul import kernel
 
 
 class _Fused:
@@ -147,6 +148,8 @@ class DecodeStack:
         self._rotary: nn.Module = stack.rotary_emb
         self._norm: nn.Module = stack.norm
         self._layers = [self._layer(i, layer) for i, layer in enumerate(stack.layers)]
+        if base.device.type == "cpu":
+            kernel()  # built (or loaded from its cache) with the model, not mid-request
 
     @staticmethod
     def _layer(index: int, layer: Any) -> _Layer:

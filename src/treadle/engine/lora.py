@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from treadle.engine.thin_matmul import MAX_COLUMNS, thin_matmul
+
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULE = "lm_head"
@@ -214,11 +216,12 @@ class LoraLinear(nn.Module):
 
 # From 2 up to this many rows (decode batches), no-grad products run as W·xᵀ: on CPU, MKL is
 # ~1.5x faster at [out, in] x [in, few] than at [few, in] x [in, out] (measured at 16 rows
-# for every SmolLM2 shape, the unembedding included).
-_THIN_ROWS = 64
-# ... and a tall weight (an unembedding) in blocks of this many output features, each
-# transposed into place while it is still in cache: ~15 % faster than one product and one
-# transposing copy of the whole [vocab, rows] result.
+# for every SmolLM2 shape, the unembedding included), and the thin-matmul kernel faster
+# still where it is built.
+_THIN_ROWS = MAX_COLUMNS
+# Without the kernel, a tall weight (an unembedding) runs in blocks of this many output
+# features, each transposed into place while it is still in cache: ~15 % faster than one
+# product and one transposing copy of the whole [vocab, rows] result.
 _THIN_BLOCK = 4096
 
 
@@ -229,10 +232,12 @@ def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         # nn.Linear.forward itself, minus a module call: decode runs hundreds per token.
         return F.linear(x, weight, bias)
     x_t = x.reshape(rows, x.shape[-1]).t()
-    y = x.new_empty(rows, weight.shape[0])
-    for start in range(0, weight.shape[0], _THIN_BLOCK):
-        block = slice(start, start + _THIN_BLOCK)
-        y[:, block] = torch.mm(weight[block], x_t).t()
+    y = thin_matmul(weight, x_t, transpose_out=True)
+    if y is None:
+        y = x.new_empty(rows, weight.shape[0])
+        for start in range(0, weight.shape[0], _THIN_BLOCK):
+            block = slice(start, start + _THIN_BLOCK)
+            y[:, block] = torch.mm(weight[block], x_t).t()
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -241,7 +246,9 @@ def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def thin_linear_t(x_t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``(x·Wᵀ + b)ᵀ``, ``[out, rows]``, from ``x_t`` ``[in, rows]``: the form in which a
     decode pass keeps projection outputs, so no transposing copy follows the product."""
-    y_t = torch.mm(weight, x_t)
+    y_t = thin_matmul(weight, x_t)
+    if y_t is None:
+        y_t = torch.mm(weight, x_t)
     if bias is not None:
         y_t += bias[:, None]
     return y_t
