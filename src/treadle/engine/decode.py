@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from treadle.engine.attention import CacheDecode, decode_attention
-from treadle.engine.lora import LoraLinear, thin_linear_t
+from treadle.engine.lora import LoraLinear, project_t
 from treadle.engine.models import BaseModel
 from treadle.engine.thin_matmul import kernel
 
@@ -59,12 +59,10 @@ class _Fused:
     def __call__(self, x_t: Tensor) -> Tensor:
         """The projections' outputs stacked, ``[sum(out), rows]``, with their routed
         adapter deltas, from the input ``x_t`` ``[in, rows]``."""
-        y_t = thin_linear_t(x_t, self.weight, self.bias)
-        start = 0
-        for projection in self.projections:
-            stop = start + projection.base.out_features
-            projection.add_deltas(x_t, y_t[start:stop])
-            start = stop
+        y_t = x_t.new_empty(self.weight.shape[0], x_t.shape[1])
+        project_t(x_t, self.projections, self.weight, y_t)
+        if self.bias is not None:
+            y_t += self.bias[:, None]
         return y_t
 
 
@@ -115,10 +113,12 @@ class _Layer:
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, decode: CacheDecode) -> Tensor:
         rows, dim = x.shape[0], self.head_dim
         q_size, kv_size = self.heads * dim, self.kv_heads * dim
-        qkv = self.qkv(x.t())
-        q = qkv[:q_size].t().view(rows, self.heads, dim)
-        k = qkv[q_size : q_size + kv_size].t().view(rows, self.kv_heads, dim)
-        v = qkv[q_size + kv_size :].t().view(rows, self.kv_heads, 1, dim)
+        # Back to rows here: the rotary products would keep a transposed layout, and
+        # SDPA's fast kernel needs each head's features side by side.
+        qkv = self.qkv(x.t()).t().contiguous()
+        q = qkv[:, :q_size].view(rows, self.heads, dim)
+        k = qkv[:, q_size : q_size + kv_size].view(rows, self.kv_heads, dim)
+        v = qkv[:, q_size + kv_size :].view(rows, self.kv_heads, 1, dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = decode_attention(

@@ -72,6 +72,9 @@ class Adapter:
 
     spec: LoraSpec
     pairs: dict[str, LoraPair] = field(default_factory=dict)
+    # Set by detached(): nothing updates these tensors, so values derived from them keep.
+    frozen: bool = False
+    _scaled_a: dict[tuple[str, ...], Tensor] = field(default_factory=dict, repr=False)
 
     def parameters(self) -> list[Tensor]:
         return [t for pair in self.pairs.values() for t in (pair.a, pair.b)]
@@ -83,7 +86,19 @@ class Adapter:
             path: LoraPair(pair.a.detach().clone(), pair.b.detach().clone())
             for path, pair in self.pairs.items()
         }
-        return Adapter(self.spec, pairs)
+        return Adapter(self.spec, pairs, frozen=True)
+
+    def scaled_a(self, paths: tuple[str, ...], dtype: torch.dtype) -> Tensor:
+        """``scale · A`` of the modules at ``paths``, stacked ``[rank · len(paths), in]``:
+        one matmul gives the low-rank inputs of projections that share an input. Kept
+        for a frozen adapter; rebuilt per call otherwise (training updates A in place)."""
+        stacked = self._scaled_a.get(paths)
+        if stacked is None or stacked.dtype != dtype:
+            parts = [_cast(self.pairs[path].a, dtype) for path in paths]
+            stacked = (torch.cat(parts) if len(parts) > 1 else parts[0]) * self.spec.scale
+            if self.frozen:
+                self._scaled_a[paths] = stacked
+        return stacked
 
     def delta(self, path: str, x: Tensor) -> Tensor | None:
         """``scale · x Aᵀ Bᵀ`` for the module at ``path``, or None if not adapted."""
@@ -155,8 +170,15 @@ class LoraLinear(nn.Module):
         self.path = path
 
     def forward(self, x: Tensor) -> Tensor:
-        y = base_linear(x, self.base.weight, self.base.bias)
         spans = _ROUTING.get()
+        if thin(x) and (not spans or spans[0].rows is not None):
+            flat = x.reshape(-1, x.shape[-1])
+            y = x.new_empty(flat.shape[0], self.base.out_features)
+            project_t(flat.t(), (self,), self.base.weight, y.t())
+            if self.base.bias is not None:
+                y += self.base.bias
+            return y.view(*x.shape[:-1], self.base.out_features)
+        y = F.linear(x, self.base.weight, self.base.bias)
         if not spans:
             return y
         if spans[0].rows is not None:
@@ -214,44 +236,66 @@ class LoraLinear(nn.Module):
                 y_t[:, part].addmm_(b, torch.mm(a, x_t[:, part]), alpha=scale)
 
 
-# From 2 up to this many rows (decode batches), no-grad products run as W·xᵀ: on CPU, MKL is
-# ~1.5x faster at [out, in] x [in, few] than at [few, in] x [in, out] (measured at 16 rows
-# for every SmolLM2 shape, the unembedding included), and the thin-matmul kernel faster
-# still where it is built.
-_THIN_ROWS = MAX_COLUMNS
-# Without the kernel, a tall weight (an unembedding) runs in blocks of this many output
-# features, each transposed into place while it is still in cache: ~15 % faster than one
-# product and one transposing copy of the whole [vocab, rows] result.
-_THIN_BLOCK = 4096
-
-
-def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(x, weight, bias)``, computed the fastest way for the rows at hand."""
+def thin(x: Tensor) -> bool:
+    """Whether a no-grad pass over ``x`` is a decode-sized product (2 to ``MAX_COLUMNS``
+    rows on CPU), computed as W·xᵀ: MKL is ~1.5x faster at [out, in] x [in, few] than at
+    [few, in] x [in, out] (measured at 16 rows for every SmolLM2 shape), and the
+    thin-matmul kernel faster still where it is built."""
     rows = x.numel() // x.shape[-1]
-    if not 1 < rows <= _THIN_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
-        # nn.Linear.forward itself, minus a module call: decode runs hundreds per token.
-        return F.linear(x, weight, bias)
-    x_t = x.reshape(rows, x.shape[-1]).t()
-    y = thin_matmul(weight, x_t, transpose_out=True)
-    if y is None:
-        y = x.new_empty(rows, weight.shape[0])
-        for start in range(0, weight.shape[0], _THIN_BLOCK):
-            block = slice(start, start + _THIN_BLOCK)
-            y[:, block] = torch.mm(weight[block], x_t).t()
-    if bias is not None:
-        y += bias
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return 1 < rows <= MAX_COLUMNS and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
-def thin_linear_t(x_t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``(x·Wᵀ + b)ᵀ``, ``[out, rows]``, from ``x_t`` ``[in, rows]``: the form in which a
-    decode pass keeps projection outputs, so no transposing copy follows the product."""
-    y_t = thin_matmul(weight, x_t)
-    if y_t is None:
-        y_t = torch.mm(weight, x_t)
-    if bias is not None:
-        y_t += bias[:, None]
-    return y_t
+def project_t(
+    x_t: Tensor, projections: Sequence[LoraLinear], weight: Tensor, out_t: Tensor
+) -> None:
+    """Write the projections of ``x_t`` ``[in, rows]`` and their routed adapter deltas
+    into ``out_t`` ``[out, rows]`` (any strides: a transposed view of a ``[rows, out]``
+    buffer gets rows). ``weight`` is their weights stacked (or the one weight); biases are
+    the caller's. Where one adapter covers every row, the kernel adds each delta in the
+    same pass over the weight; otherwise each span's delta is added after."""
+    x_t = x_t if x_t.stride(1) == 1 else x_t.contiguous()
+    sole, adapter = _sole_adapter(x_t.shape[1])
+    paired = [p.path for p in projections if adapter is not None and p.path in adapter.pairs]
+    if not sole or not paired:
+        if not thin_matmul(out_t, weight, x_t):
+            torch.mm(weight, x_t, out=out_t)
+        if not sole:
+            start = 0
+            for projection in projections:
+                stop = start + projection.base.out_features
+                projection.add_deltas(x_t, out_t[start:stop])
+                start = stop
+        return
+    assert adapter is not None
+    low = torch.mm(adapter.scaled_a(tuple(paired), x_t.dtype), x_t)
+    start, first = 0, 0
+    for projection in projections:
+        stop = start + projection.base.out_features
+        out, rows = out_t[start:stop], weight[start:stop]
+        pair = adapter.pairs.get(projection.path)
+        if pair is None:
+            lora = None
+        else:
+            rank = pair.a.shape[0]
+            lora = (_cast(pair.b, x_t.dtype), low[first : first + rank])
+            first += rank
+        if not thin_matmul(out, rows, x_t, lora):
+            torch.mm(rows, x_t, out=out)
+            if lora is not None:
+                out.addmm_(*lora)
+        start = stop
+
+
+def _sole_adapter(rows: int) -> tuple[bool, Adapter | None]:
+    """``(True, adapter)`` when one adapter (or None: the base model) covers all ``rows``
+    of the current inference pass, ``(False, None)`` when they are split."""
+    spans = _ROUTING.get()
+    if not spans:
+        return True, None
+    where = spans[0].rows
+    if len(spans) == 1 and isinstance(where, slice) and where == slice(0, rows):
+        return True, spans[0].adapter
+    return False, None
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:

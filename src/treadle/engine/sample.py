@@ -512,8 +512,11 @@ def _draw(scores: Tensor, sequences: list[_Sequence]) -> Tensor:
     batch with."""
     params = [s.params for s in sequences]
     device = scores.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)
-    scores = scores / temperature[:, None]
+    if any(p.temperature != 1.0 for p in params):
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        scores = scores / temperature[:, None]
+    elif any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+        scores = scores.clone()  # the filters below write in place; the caller's stay
     _top_k(scores, [p.top_k for p in params])
     _top_p(scores, [p.top_p for p in params])
     _min_p(scores, [p.min_p for p in params])

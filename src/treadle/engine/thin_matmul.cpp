@@ -1,5 +1,6 @@
-// Thin fp32 matmuls for decode passes on AVX2 CPUs: W [M, K] times X [K, N] for N a
-// multiple of 8 up to a few dozen (one column per running sequence).
+// Thin fp32 matmuls for decode passes on AVX2 CPUs: W [M, K] times X [K, N] for N up to
+// a few dozen (one column per running sequence), plus optionally a
+// LoRA adapter's B [M, r] times its low-rank input [r, N] in the same accumulators.
 //
 // At 16 columns MKL's sgemm reaches ~85 GFLOP/s here: it packs the weight into panels
 // first, and a weight read once per pass gains nothing from packing. This kernel streams W
@@ -13,87 +14,116 @@
 
 #include <algorithm>
 
-// One tile of R (<= 6) rows of W against 8 * V (V = 1 or 2) columns of X, accumulated over
-// all of K in registers: 12 accumulators, 2 column vectors and a broadcast fill the 16
-// AVX2 registers. Named variables, not arrays: GCC spills arrays of __m256.
-#define TREADLE_ROW(i)                                                          \
-  if constexpr (R > i) {                                                        \
-    __m256 b = _mm256_broadcast_ss(w + i * ldw + k);                            \
-    a##i = _mm256_fmadd_ps(b, x0, a##i);                                        \
-    if constexpr (V == 2) c##i = _mm256_fmadd_ps(b, x1, c##i);                  \
+// A product term: W [M, K] (row stride ldw) times X [K, N] (row stride ldx). The output
+// sums one or two: the base weight's, and a LoRA adapter's B times its low-rank input.
+struct Term {
+  const float* w;
+  int64_t ldw;
+  const float* x;
+  int64_t ldx;
+  int64_t k;
+};
+
+// One tile of R (<= 6) rows against 8 * V (V = 1 or 2) columns, accumulated over every
+// term in registers: 12 accumulators, 2 column vectors and a broadcast fill the 16 AVX2
+// registers. Named variables, not arrays: GCC spills arrays of __m256.
+#define TREADLE_ROW(i)                                                   \
+  if constexpr (R > i) {                                                 \
+    __m256 b = _mm256_broadcast_ss(w + i * ldw + k);                     \
+    a##i = _mm256_fmadd_ps(b, x0, a##i);                                 \
+    if constexpr (V == 2) c##i = _mm256_fmadd_ps(b, x1, c##i);           \
   }
-#define TREADLE_STORE(i)                                                        \
-  if constexpr (R > i) {                                                        \
-    store(y + i * ldy_m, a##i, ldy_n);                                          \
-    if constexpr (V == 2) store(y + i * ldy_m + 8 * ldy_n, c##i, ldy_n);        \
+#define TREADLE_STORE(i)                                                          \
+  if constexpr (R > i) {                                                          \
+    store(y + i * ldy_m, a##i, ldy_n, lanes);                                     \
+    if constexpr (V == 2) store(y + i * ldy_m + 8 * ldy_n, c##i, ldy_n, lanes);   \
   }
 
-static inline void store(float* y, __m256 v, int64_t ldy_n) {
-  if (ldy_n == 1) {
+// The first `lanes` of v to y, y[j * ldy_n] for lane j.
+static inline void store(float* y, __m256 v, int64_t ldy_n, int lanes) {
+  if (ldy_n == 1 && lanes == 8) {
     _mm256_storeu_ps(y, v);
     return;
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, v);
-  for (int j = 0; j < 8; ++j) y[j * ldy_n] = lanes[j];
+  alignas(32) float values[8];
+  _mm256_store_ps(values, v);
+  for (int j = 0; j < lanes; ++j) y[j * ldy_n] = values[j];
 }
 
-template <int R, int V>
-static inline void tile(const float* w, int64_t ldw, int64_t K, const float* x, int64_t ldx,
+// Columns col .. col + 8 * V of the output rows row .. row + R; with MASKED (V = 1), only
+// the first `lanes` columns exist and the others read as zeros.
+template <int R, int V, bool MASKED>
+static inline void tile(const Term* terms, int count, int64_t row, int64_t col, int lanes,
                         float* y, int64_t ldy_m, int64_t ldy_n) {
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
   __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0, c4 = a0, c5 = a0;
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 x0 = _mm256_loadu_ps(x + k * ldx);
-    __m256 x1 = V == 2 ? _mm256_loadu_ps(x + k * ldx + 8) : x0;
-    TREADLE_ROW(0) TREADLE_ROW(1) TREADLE_ROW(2) TREADLE_ROW(3) TREADLE_ROW(4) TREADLE_ROW(5)
+  for (int t = 0; t < count; ++t) {
+    const int64_t ldw = terms[t].ldw, ldx = terms[t].ldx;
+    const float* w = terms[t].w + row * ldw;
+    const float* x = terms[t].x + col;
+    for (int64_t k = 0; k < terms[t].k; ++k) {
+      __m256 x0 = MASKED ? _mm256_maskload_ps(x + k * ldx, mask) : _mm256_loadu_ps(x + k * ldx);
+      __m256 x1 = V == 2 ? _mm256_loadu_ps(x + k * ldx + 8) : x0;
+      TREADLE_ROW(0) TREADLE_ROW(1) TREADLE_ROW(2) TREADLE_ROW(3) TREADLE_ROW(4) TREADLE_ROW(5)
+    }
   }
   TREADLE_STORE(0) TREADLE_STORE(1) TREADLE_STORE(2) TREADLE_STORE(3) TREADLE_STORE(4)
   TREADLE_STORE(5)
 }
 
 template <int R>
-static void rows_block(const float* w, int64_t ldw, int64_t K, const float* x, int64_t ldx, int64_t N,
-                       float* y, int64_t ldy_m, int64_t ldy_n) {
+static void rows_block(const Term* terms, int count, int64_t row, int64_t N, float* y,
+                       int64_t ldy_m, int64_t ldy_n) {
   int64_t n = 0;
-  for (; n + 16 <= N; n += 16) tile<R, 2>(w, ldw, K, x + n, ldx, y + n * ldy_n, ldy_m, ldy_n);
-  if (n < N) tile<R, 1>(w, ldw, K, x + n, ldx, y + n * ldy_n, ldy_m, ldy_n);
+  for (; n + 16 <= N; n += 16)
+    tile<R, 2, false>(terms, count, row, n, 8, y + n * ldy_n, ldy_m, ldy_n);
+  if (n + 8 <= N) {
+    tile<R, 1, false>(terms, count, row, n, 8, y + n * ldy_n, ldy_m, ldy_n);
+    n += 8;
+  }
+  if (n < N) tile<R, 1, true>(terms, count, row, n, int(N - n), y + n * ldy_n, ldy_m, ldy_n);
 }
 
-// W [M, K] (row stride ldw), X [K, N] (row stride ldx, N a multiple of 8). Returns W·X as
-// [M, N], or its transpose [N, M] when transpose_out.
-torch::Tensor thin_matmul(torch::Tensor W, torch::Tensor X, bool transpose_out) {
-  TORCH_CHECK(W.dim() == 2 && X.dim() == 2, "thin_matmul: 2-D operands only");
-  TORCH_CHECK(W.scalar_type() == torch::kFloat && X.scalar_type() == torch::kFloat,
+static Term term(const torch::Tensor& w, const torch::Tensor& x, int64_t M, int64_t N) {
+  TORCH_CHECK(w.dim() == 2 && x.dim() == 2, "thin_matmul: 2-D operands only");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat,
               "thin_matmul: float32 only");
-  TORCH_CHECK(W.device().is_cpu() && X.device().is_cpu(), "thin_matmul: CPU tensors only");
-  TORCH_CHECK(W.stride(1) == 1 && X.stride(1) == 1, "thin_matmul: rows must be contiguous");
-  TORCH_CHECK(X.size(1) % 8 == 0, "thin_matmul: X needs a multiple of 8 columns");
-  int64_t M = W.size(0), K = W.size(1), N = X.size(1);
-  TORCH_CHECK(X.size(0) == K, "thin_matmul: inner dimensions differ");
-  auto Y = transpose_out ? torch::empty({N, M}, W.options()) : torch::empty({M, N}, W.options());
-  const float* w = W.data_ptr<float>();
-  const float* x = X.data_ptr<float>();
+  TORCH_CHECK(w.device().is_cpu() && x.device().is_cpu(), "thin_matmul: CPU tensors only");
+  TORCH_CHECK(w.stride(1) == 1 && x.stride(1) == 1, "thin_matmul: rows must be contiguous");
+  TORCH_CHECK(w.size(0) == M && x.size(1) == N && w.size(1) == x.size(0),
+              "thin_matmul: shapes do not match");
+  return Term{w.data_ptr<float>(), w.stride(0), x.data_ptr<float>(), x.stride(0), w.size(1)};
+}
+
+// Y = W·X (+ B·L): Y [M, N] with any strides (a transposed view writes [N, M] rows), W
+// [M, K], X [K, N], B [M, r], L [r, N].
+void thin_matmul(torch::Tensor Y, const torch::Tensor& W, const torch::Tensor& X,
+                 const c10::optional<torch::Tensor>& B, const c10::optional<torch::Tensor>& L) {
+  TORCH_CHECK(Y.dim() == 2 && Y.scalar_type() == torch::kFloat && Y.device().is_cpu(),
+              "thin_matmul: Y must be a 2-D float32 CPU tensor");
+  const int64_t M = Y.size(0), N = Y.size(1);
+  Term terms[2] = {term(W, X, M, N), {}};
+  int count = 1;
+  if (B.has_value() && L.has_value()) terms[count++] = term(*B, *L, M, N);
   float* y = Y.data_ptr<float>();
-  int64_t ldw = W.stride(0), ldx = X.stride(0);
-  int64_t ldy_m = transpose_out ? 1 : N, ldy_n = transpose_out ? M : 1;
+  const int64_t ldy_m = Y.stride(0), ldy_n = Y.stride(1);
   constexpr int R = 6;
-  int64_t tiles = (M + R - 1) / R;
-  at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t m = t * R;
-      const float* wm = w + m * ldw;
-      float* ym = y + m * ldy_m;
-      switch (std::min<int64_t>(R, M - m)) {
-        case 6: rows_block<6>(wm, ldw, K, x, ldx, N, ym, ldy_m, ldy_n); break;
-        case 5: rows_block<5>(wm, ldw, K, x, ldx, N, ym, ldy_m, ldy_n); break;
-        case 4: rows_block<4>(wm, ldw, K, x, ldx, N, ym, ldy_m, ldy_n); break;
-        case 3: rows_block<3>(wm, ldw, K, x, ldx, N, ym, ldy_m, ldy_n); break;
-        case 2: rows_block<2>(wm, ldw, K, x, ldx, N, ym, ldy_m, ldy_n); break;
-        default: rows_block<1>(wm, ldw, K, x, ldx, N, ym, ldy_m, ldy_n); break;
+  at::parallel_for(0, (M + R - 1) / R, 8, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t row = t * R;
+      float* yr = y + row * ldy_m;
+      switch (std::min<int64_t>(R, M - row)) {
+        case 6: rows_block<6>(terms, count, row, N, yr, ldy_m, ldy_n); break;
+        case 5: rows_block<5>(terms, count, row, N, yr, ldy_m, ldy_n); break;
+        case 4: rows_block<4>(terms, count, row, N, yr, ldy_m, ldy_n); break;
+        case 3: rows_block<3>(terms, count, row, N, yr, ldy_m, ldy_n); break;
+        case 2: rows_block<2>(terms, count, row, N, yr, ldy_m, ldy_n); break;
+        default: rows_block<1>(terms, count, row, N, yr, ldy_m, ldy_n); break;
       }
     }
   });
-  return Y;
 }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("thin_matmul", &thin_matmul); }

@@ -7,7 +7,8 @@ before using it once; the kernel streams the weight as it lies and reaches ~125-
 (see the .cpp for how). It is compiled with torch's extension builder the first time a
 process needs it (~30 s, then cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``); where that cannot work (no AVX2, no C++ compiler),
-:func:`thin_matmul` returns None and callers use ``torch.mm``.
+:func:`thin_matmul` declines and callers use ``torch.mm``. ``TREADLE_THIN_MATMUL=0``
+turns the kernel off.
 """
 
 from __future__ import annotations
@@ -21,13 +22,11 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("thin_matmul.cpp")
-_COLUMNS = 8  # the kernel's column granularity: X is padded to a multiple of it
 # Up to here the kernel beat MKL on every SmolLM2 shape (measured at 8, 16, 32 and 64).
 MAX_COLUMNS = 64
 
@@ -35,6 +34,8 @@ MAX_COLUMNS = 64
 @functools.cache
 def kernel() -> ModuleType | None:
     """The compiled kernel, or None where it cannot run here (logged once, with why)."""
+    if os.environ.get("TREADLE_THIN_MATMUL") == "0":
+        return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -66,23 +67,22 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
-def thin_matmul(weight: Tensor, x_t: Tensor, transpose_out: bool = False) -> Tensor | None:
-    """``weight @ x_t`` (``[out, in]`` by ``[in, columns]``), or its transpose when
-    ``transpose_out``, through the kernel; None where the kernel does not apply: not fp32
-    on CPU, a single column (MKL's matrix-vector product is as fast), more than
-    ``MAX_COLUMNS``, or not built here."""
-    columns = x_t.shape[1]
-    if not 1 < columns <= MAX_COLUMNS or weight.stride(1) != 1:
-        return None
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (weight, x_t)):
-        return None
+def thin_matmul(
+    out: Tensor, weight: Tensor, x_t: Tensor, lora: tuple[Tensor, Tensor] | None = None
+) -> bool:
+    """Write ``weight @ x_t`` (``[out, in]`` by ``[in, columns]``), plus ``b @ low`` for
+    ``lora = (b, low)`` (``[out, r]`` by ``[r, columns]``), into ``out`` (any strides).
+    False, with ``out`` untouched, where the kernel does not apply: not fp32 on CPU, a
+    single column (MKL's matrix-vector product is as fast), more than ``MAX_COLUMNS``,
+    rows that are not contiguous, or no kernel here."""
+    operands = (out, weight, x_t, *(lora or ()))
+    if not 1 < x_t.shape[1] <= MAX_COLUMNS or any(t.stride(-1) != 1 for t in operands[1:]):
+        return False
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in operands):
+        return False
     module = kernel()
     if module is None:
-        return None
-    padded = -(-columns // _COLUMNS) * _COLUMNS
-    if padded != columns:
-        x_t = F.pad(x_t, (0, padded - columns))
-    elif x_t.stride(1) != 1:
-        x_t = x_t.contiguous()
-    y: Tensor = module.thin_matmul(weight, x_t, transpose_out)
-    return y[:columns] if transpose_out else y[:, :columns]
+        return False
+    b, low = lora if lora is not None else (None, None)
+    module.thin_matmul(out, weight, x_t, b, low)
+    return True
