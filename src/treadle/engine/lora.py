@@ -267,7 +267,10 @@ def project_t(
                 start = stop
         return
     assert adapter is not None
-    low = torch.mm(adapter.scaled_a(tuple(paired), x_t.dtype), x_t)
+    scaled_a = adapter.scaled_a(tuple(paired), x_t.dtype)
+    low = x_t.new_empty(scaled_a.shape[0], x_t.shape[1])
+    if not thin_matmul(low, scaled_a, x_t):
+        torch.mm(scaled_a, x_t, out=low)
     start, first = 0, 0
     for projection in projections:
         stop = start + projection.base.out_features
