@@ -237,12 +237,12 @@ class LoraLinear(nn.Module):
 
 
 def thin(x: Tensor) -> bool:
-    """Whether a no-grad pass over ``x`` is a decode-sized product (2 to ``MAX_COLUMNS``
+    """Whether a no-grad pass over ``x`` is a decode-sized product (up to ``MAX_COLUMNS``
     rows on CPU), computed as W·xᵀ: MKL is ~1.5x faster at [out, in] x [in, few] than at
     [few, in] x [in, out] (measured at 16 rows for every SmolLM2 shape), and the
     thin-matmul kernel faster still where it is built."""
     rows = x.numel() // x.shape[-1]
-    return 1 < rows <= MAX_COLUMNS and x.device.type == "cpu" and not torch.is_grad_enabled()
+    return rows <= MAX_COLUMNS and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def project_t(

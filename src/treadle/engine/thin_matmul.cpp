@@ -96,12 +96,15 @@ static void rows_block(const Term* terms, int count, int64_t row, int64_t N, flo
   if (n < N) tile<R, 1, true>(terms, count, row, n, int(N - n), y + n * ldy_n, ldy_m, ldy_n);
 }
 
+// Elements of a row side by side (a single column has no stride to speak of).
+static bool unit_stride(const torch::Tensor& t) { return t.size(1) == 1 || t.stride(1) == 1; }
+
 static Term term(const torch::Tensor& w, const torch::Tensor& x, int64_t M, int64_t N) {
   TORCH_CHECK(w.dim() == 2 && x.dim() == 2, "thin_matmul: 2-D operands only");
   TORCH_CHECK(w.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat,
               "thin_matmul: float32 only");
   TORCH_CHECK(w.device().is_cpu() && x.device().is_cpu(), "thin_matmul: CPU tensors only");
-  TORCH_CHECK(w.stride(1) == 1 && x.stride(1) == 1, "thin_matmul: rows must be contiguous");
+  TORCH_CHECK(unit_stride(w) && unit_stride(x), "thin_matmul: rows must be contiguous");
   TORCH_CHECK(w.size(0) == M && x.size(1) == N && w.size(1) == x.size(0),
               "thin_matmul: shapes do not match");
   return Term{w.data_ptr<float>(), w.stride(0), x.data_ptr<float>(), x.stride(0), w.size(1)};
