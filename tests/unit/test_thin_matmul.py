@@ -57,12 +57,18 @@ def test_declines_what_it_does_not_handle():
     cases = [
         (torch.zeros(12, 65), weight, torch.randn(8, 65)),  # beyond MAX_COLUMNS
         (torch.zeros(12, 4, dtype=torch.float64), weight.double(), torch.randn(8, 4).double()),
-        (torch.zeros(12, 4), weight, torch.randn(4, 8).t()),  # columns not contiguous
     ]
     for out, w, x_t in cases:
         before = out.clone()
         assert not tm.thin_matmul(out, w, x_t)
         assert torch.equal(out, before)
+    # Operands it cannot read are errors, not silent fallbacks: callers shape them.
+    with pytest.raises(RuntimeError, match="rows must be contiguous"):
+        tm.thin_matmul(torch.zeros(12, 4), weight, torch.randn(4, 8).t())
+    with pytest.raises(RuntimeError, match="float32 only"):
+        tm.thin_matmul(torch.zeros(12, 4), weight, torch.randn(8, 4).double())
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        tm.thin_matmul(torch.zeros(12, 4), weight, torch.randn(9, 4))
 
 
 def _layers(gen):
