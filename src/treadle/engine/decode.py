@@ -56,14 +56,16 @@ class _Fused:
                 linear.bias.data = self.bias[start:stop]
             start = stop
 
-    def __call__(self, x_t: Tensor) -> Tensor:
+    def __call__(self, x_t: Tensor, as_rows: bool = False) -> Tensor:
         """The projections' outputs stacked, ``[sum(out), rows]``, with their routed
-        adapter deltas, from the input ``x_t`` ``[in, rows]``."""
-        y_t = x_t.new_empty(self.weight.shape[0], x_t.shape[1])
-        project_t(x_t, self.projections, self.weight, y_t)
+        adapter deltas, from the input ``x_t`` ``[in, rows]``; ``as_rows``: written
+        straight into a ``[rows, sum(out)]`` tensor instead, which is returned."""
+        features, rows = self.weight.shape[0], x_t.shape[1]
+        y = x_t.new_empty(rows, features) if as_rows else x_t.new_empty(features, rows)
+        project_t(x_t, self.projections, self.weight, y.t() if as_rows else y)
         if self.bias is not None:
-            y_t += self.bias[:, None]
-        return y_t
+            y += self.bias if as_rows else self.bias[:, None]
+        return y
 
 
 def _bias_data(linear: nn.Linear) -> Tensor | None:
@@ -113,9 +115,9 @@ class _Layer:
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, decode: CacheDecode) -> Tensor:
         rows, dim = x.shape[0], self.head_dim
         q_size, kv_size = self.heads * dim, self.kv_heads * dim
-        # Back to rows here: the rotary products would keep a transposed layout, and
-        # SDPA's fast kernel needs each head's features side by side.
-        qkv = self.qkv(x.t()).t().contiguous()
+        # In rows here: the rotary products would keep a transposed layout, and SDPA's
+        # fast kernel needs each head's features side by side.
+        qkv = self.qkv(x.t(), as_rows=True)
         q = qkv[:, :q_size].view(rows, self.heads, dim)
         k = qkv[:, q_size : q_size + kv_size].view(rows, self.kv_heads, dim)
         v = qkv[:, q_size + kv_size :].view(rows, self.kv_heads, 1, dim)
