@@ -134,8 +134,11 @@ def test_projections_with_routed_adapters(monkeypatch, use_kernel):
         with torch.no_grad():
             for spans, adapters in cases:
                 out_t = torch.full((32, 10), float("nan"))
+                rows = torch.full((10, 32), float("nan"))  # written through a transposed view
                 with routing(spans):
                     project_t(x.t(), layers, weight, out_t)
+                    project_t(x.t(), layers, weight, rows.t())
                 _close(out_t, want(adapters))
+                _close(rows.t(), want(adapters))
     finally:
         tm.kernel.cache_clear()
