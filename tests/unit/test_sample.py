@@ -3,7 +3,7 @@ same tiny real-architecture models, adapters applied through forward hooks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from tests.fixtures.tiny_models import IM_END, make_byte_tokenizer, make_tiny_model
-from treadle.engine import sample
+from treadle.engine import sample, thin_matmul
 from treadle.engine.attention import KVCache, cache_decode, decode_attention
 from treadle.engine.datum import Datum, UserInputError
 from treadle.engine.lora import Adapter, LoraSpec, new_adapter
@@ -155,7 +155,19 @@ def _trainer_logprobs(base: BaseModel, adapter: Adapter | None, tokens: list[int
     return out.logprobs[0]
 
 
+@pytest.fixture(params=["kernel", "torch.mm"])
+def matmuls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Decode matmuls through the AVX2 kernel (where built), and through torch.mm."""
+    if request.param == "torch.mm":
+        monkeypatch.setenv("TREADLE_THIN_MATMUL", "0")
+    thin_matmul.kernel.cache_clear()
+    yield request.param
+    monkeypatch.undo()
+    thin_matmul.kernel.cache_clear()
+
+
 @pytest.mark.parametrize("adapted", [False, True], ids=["base", "adapter"])
+@pytest.mark.usefixtures("matmuls")
 def test_greedy_matches_generate_and_logprobs_match_both_forwards(base: BaseModel, adapted: bool):
     adapter = _adapter(base, seed=1) if adapted else None
     ref = _Reference(base.folder, adapter)
@@ -210,6 +222,7 @@ def _mixed_requests(base: BaseModel) -> list[SampleRequest]:
     ]
 
 
+@pytest.mark.usefixtures("matmuls")
 def test_continuous_batching_gives_each_request_what_it_gets_alone(base: BaseModel):
     """Requests of different adapters and lengths, joining at different steps while others
     run (and waiting for slots: max_batch 4), get exactly the tokens they get alone."""
