@@ -1,13 +1,13 @@
-// Thin fp32 matmuls for decode passes on AVX2 CPUs: W [M, K] times X [K, N] for N up to
-// a few dozen (one column per running sequence), plus optionally a
-// LoRA adapter's B [M, r] times its low-rank input [r, N] in the same accumulators.
+// Thin fp32 matmuls for decode passes on AVX2 CPUs: W [M, K] times X [K, N], N one column
+// per running sequence (1 to 64), plus optionally a LoRA adapter's B [M, r] times its
+// low-rank input [r, N] in the same accumulators.
 //
-// At 16 columns MKL's sgemm reaches ~85 GFLOP/s here: it packs the weight into panels
+// At 16 columns MKL's sgemm reaches ~80 GFLOP/s here: it packs the weight into panels
 // first, and a weight read once per pass gains nothing from packing. This kernel streams W
 // as it lies, one register tile of 6 rows x 16 columns at a time with X held in cache, and
-// reaches ~145-165 GFLOP/s on the same shapes (benchmarks/sample_throughput.py; the
-// sampler's tests hold it to torch.mm). Products and sums are plain fp32 FMAs; only the
-// summation order differs from MKL's.
+// reaches ~150-165 GFLOP/s on the same shapes (benchmarks/thin_matmul.py; the sampler's
+// tests hold decoding through it to generate, to the trainer's forward and to torch.mm).
+// Products and sums are plain fp32 FMAs; only the summation order differs from MKL's.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -2,8 +2,8 @@
 first use.
 
 A decode pass multiplies every weight by a few columns (one per running sequence). MKL
-handles that shape at ~85 GFLOP/s on the CPUs we measured, because it packs the weight
-before using it once; the kernel streams the weight as it lies and reaches ~145-165
+handles that shape at ~80 GFLOP/s on the CPUs we measured, because it packs the weight
+before using it once; the kernel streams the weight as it lies and reaches ~150-165
 (see the .cpp for how). At one column it streams the weights ~1.6x faster than MKL's
 matrix-vector product. It is compiled with torch's extension builder the first time a
 process needs it (~30 s, then cached under ``TORCH_EXTENSIONS_DIR``, by default
