@@ -74,7 +74,9 @@ class Adapter:
     pairs: dict[str, LoraPair] = field(default_factory=dict)
     # Set by detached(): nothing updates these tensors, so values derived from them keep.
     frozen: bool = False
-    _scaled_a: dict[tuple[str, ...], Tensor] = field(default_factory=dict, repr=False)
+    _scaled_a: dict[tuple[str, ...], Tensor] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def parameters(self) -> list[Tensor]:
         return [t for pair in self.pairs.values() for t in (pair.a, pair.b)]
@@ -257,8 +259,7 @@ def project_t(
     sole, adapter = _sole_adapter(x_t.shape[1])
     paired = [p.path for p in projections if adapter is not None and p.path in adapter.pairs]
     if not sole or not paired:
-        if not thin_matmul(out_t, weight, x_t):
-            torch.mm(weight, x_t, out=out_t)
+        _product(out_t, weight, x_t)
         if not sole:
             start = 0
             for projection in projections:
@@ -269,12 +270,10 @@ def project_t(
     assert adapter is not None
     scaled_a = adapter.scaled_a(tuple(paired), x_t.dtype)
     low = x_t.new_empty(scaled_a.shape[0], x_t.shape[1])
-    if not thin_matmul(low, scaled_a, x_t):
-        torch.mm(scaled_a, x_t, out=low)
+    _product(low, scaled_a, x_t)
     start, first = 0, 0
     for projection in projections:
         stop = start + projection.base.out_features
-        out, rows = out_t[start:stop], weight[start:stop]
         pair = adapter.pairs.get(projection.path)
         if pair is None:
             lora = None
@@ -282,11 +281,19 @@ def project_t(
             rank = pair.a.shape[0]
             lora = (_cast(pair.b, x_t.dtype), low[first : first + rank])
             first += rank
-        if not thin_matmul(out, rows, x_t, lora):
-            torch.mm(rows, x_t, out=out)
-            if lora is not None:
-                out.addmm_(*lora)
+        _product(out_t[start:stop], weight[start:stop], x_t, lora)
         start = stop
+
+
+def _product(
+    out: Tensor, weight: Tensor, x_t: Tensor, lora: tuple[Tensor, Tensor] | None = None
+) -> None:
+    """``out = weight @ x_t (+ b @ low)``: the kernel where it applies, else torch.mm."""
+    if thin_matmul(out, weight, x_t, lora):
+        return
+    torch.mm(weight, x_t, out=out)
+    if lora is not None:
+        out.addmm_(*lora)
 
 
 def _sole_adapter(rows: int) -> tuple[bool, Adapter | None]:
