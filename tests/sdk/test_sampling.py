@@ -215,3 +215,7 @@ def test_bad_sampler_references(service_client, server: Server, trained):
         },
     )
     assert response.status_code == 400 and "trained on meta-llama" in response.json()["detail"]
+    # The server still samples after each of these.
+    sampler = service_client.create_sampling_client(base_model=QWEN).result()
+    ok = sampler.sample(_prompt(), 1, types.SamplingParams(max_tokens=2)).result()
+    assert 1 <= len(ok.sequences[0].tokens) <= 2
