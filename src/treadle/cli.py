@@ -1,4 +1,5 @@
-"""``treadle serve | demo | models`` — the one entry point."""
+"""``treadle serve | demo | models`` — the one entry point. ``--help`` imports no torch:
+commands import what they need when they run."""
 
 from __future__ import annotations
 
@@ -18,6 +19,64 @@ def _model_entry(text: str) -> ModelEntry:
         return ModelEntry.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+# Limits and tunables: (flag, Settings field, type, help). Each is a Settings field.
+_LIMITS: list[tuple[str, str, type, str]] = [
+    (
+        "--max-tokens-per-pass",
+        "max_tokens_per_pass",
+        int,
+        "tokens per packed forward/backward pass; bounds activation memory",
+    ),
+    ("--max-lora-rank", "max_lora_rank", int, "largest LoRA rank create_model accepts"),
+    (
+        "--sampler-max-batch",
+        "sampler_max_batch",
+        int,
+        "sequences decoded together in one decode pass",
+    ),
+    (
+        "--sampler-max-prefill-tokens",
+        "sampler_max_prefill_tokens",
+        int,
+        "prompt tokens prefilled in one pass (a longer prompt runs alone)",
+    ),
+    ("--max-num-samples", "max_num_samples", int, "num_samples one sample request may ask for"),
+    (
+        "--max-topk-prompt-logprobs",
+        "max_topk_prompt_logprobs",
+        int,
+        "largest topk_prompt_logprobs a sample request may ask for",
+    ),
+    (
+        "--ephemeral-samplers-per-model",
+        "ephemeral_samplers_per_model",
+        int,
+        "unnamed samplers (save_weights_and_get_sampling_client) kept per training model;"
+        " older ones are dropped",
+    ),
+    (
+        "--retry-window",
+        "retry_window",
+        int,
+        "recent seq_ids per model (and create/sample submits overall) remembered, so a"
+        " retried submit runs once",
+    ),
+    (
+        "--long-poll-seconds",
+        "long_poll_seconds",
+        float,
+        "how long retrieve_future holds a poll before answering try_again; keep it under"
+        " the SDK's 45 s read timeout",
+    ),
+    (
+        "--future-retention-seconds",
+        "future_retention_seconds",
+        float,
+        "how long a finished request's result can still be fetched",
+    ),
+]
 
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -51,33 +110,42 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         help="torch device, e.g. cpu or cuda (default %(default)s)",
     )
     parser.add_argument(
-        "--max-tokens-per-pass",
-        type=int,
-        default=defaults.max_tokens_per_pass,
-        help="tokens per packed forward/backward pass; bounds activation memory"
-        " (default %(default)s)",
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=defaults.dtype,
+        help="base model weights' dtype (default float32 on CPU, bfloat16 on GPUs)",
     )
     parser.add_argument(
-        "--long-poll-seconds",
-        type=float,
-        default=defaults.long_poll_seconds,
-        help="how long retrieve_future holds a poll before answering try_again; keep it"
-        " under the SDK's 45 s read timeout (default %(default)s)",
+        "--thin-matmul",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.thin_matmul,
+        help="decode matmuls through the AVX2 kernel on x86 CPUs, else torch.mm"
+        " (default on, unless TREADLE_THIN_MATMUL=0)",
     )
+    for flag, name, kind, text in _LIMITS:
+        parser.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            default=getattr(defaults, name),
+            help=f"{text} (default %(default)s)",
+        )
     parser.add_argument(
         "--log-level", default="info", help="debug, info, warning (default %(default)s)"
     )
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The :class:`Settings` that ``serve`` or ``demo`` arguments ask for."""
     return Settings(
         host=args.host,
         port=args.port,
         data_dir=args.data_dir,
         models=tuple(args.models) if args.models else (EMBEDDED_DEFAULT,),
         device=args.device,
-        max_tokens_per_pass=args.max_tokens_per_pass,
-        long_poll_seconds=args.long_poll_seconds,
+        dtype=args.dtype,
+        thin_matmul=args.thin_matmul,
+        **{name: getattr(args, name) for _, name, _, _ in _LIMITS},
     )
 
 
@@ -86,12 +154,13 @@ def serve(args: argparse.Namespace) -> int:
 
     from treadle.engine.embedded import EmbeddedModelMissing
     from treadle.engine.models import ModelSourceError, resolve_folder
+    from treadle.engine.worker import load_worker
     from treadle.server.app import create_app
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = _settings(args)
+    settings = settings_of(args)
     try:
         # Check every model source first: a typo fails here with one line, not after
         # the server has started loading the others.
@@ -101,7 +170,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"treadle serve: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, load_worker),
         host=settings.host,
         port=settings.port,
         log_level=args.log_level.lower(),
@@ -111,10 +180,28 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_argv(settings: Settings) -> list[str]:
+    """The ``treadle serve`` arguments that reproduce ``settings``."""
+    argv = ["--host", settings.host, "--port", str(settings.port)]
+    argv += ["--data-dir", str(settings.data_dir), "--device", settings.device]
+    if settings.dtype:
+        argv += ["--dtype", settings.dtype]
+    argv.append("--thin-matmul" if settings.thin_matmul else "--no-thin-matmul")
+    for flag, name, _, _ in _LIMITS:
+        argv += [flag, str(getattr(settings, name))]
+    for entry in settings.models:
+        argv += [
+            "--model",
+            "embedded" if entry == EMBEDDED_DEFAULT else f"{entry.name}={entry.source}",
+        ]
+    return argv
+
+
 def demo(args: argparse.Namespace) -> int:
     from treadle.demo import run_demo
 
-    return run_demo(_settings(args))
+    settings = settings_of(args)
+    return run_demo(settings, serve_argv(settings))
 
 
 def models(args: argparse.Namespace) -> int:
@@ -126,7 +213,7 @@ def models(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="treadle", description="A self-hosted server for the Tinker training API."
     )
@@ -150,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_models.add_argument("--data-dir", type=Path, default=default_data_dir())
     p_models.set_defaults(func=models)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
         from treadle.engine.process import ensure_tuned_process
 

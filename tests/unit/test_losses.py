@@ -1,5 +1,5 @@
 """Each built-in loss against an independent plain-torch transcription of the documented
-formula (reference/losses.md), on the same random logits: values and gradients."""
+formula (as Tinker documents it), on the same random logits: values and gradients."""
 
 from __future__ import annotations
 

@@ -12,22 +12,17 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from tests.fixtures.tiny_models import IM_END, make_byte_tokenizer, make_tiny_model
+from tests.fixtures.tiny_models import ARCHS, IM_END, make_byte_tokenizer, make_tiny_model
 from treadle.engine import sample, thin_matmul
-from treadle.engine.attention import KVCache, cache_decode, decode_attention
-from treadle.engine.datum import Datum, UserInputError
-from treadle.engine.lora import Adapter, LoraSpec, new_adapter
+from treadle.engine.kv_cache import KVCache, cache_decode, decode_attention
+from treadle.engine.lora import Adapter, new_adapter
 from treadle.engine.losses import LOSSES
-from treadle.engine.models import BaseModel, load_base_model
-from treadle.engine.sample import (
-    EMPTY_LOGPROB,
-    SampledSequence,
-    Sampler,
-    SampleRequest,
-    SampleResult,
-    SamplingParams,
-)
+from treadle.engine.models import BaseLM, load_base_model
+from treadle.engine.sample import EMPTY_LOGPROB, Sampler, SampleRequest
 from treadle.engine.train import ForwardBackwardWork, LoraModel, forward_backward
+from treadle.errors import UserInputError
+from treadle.sampling_params import SamplingParams
+from treadle.types import Datum, LoraSpec, SampledSequence, SampleResult
 
 TOKENIZER = make_byte_tokenizer()
 EOS = TOKENIZER.convert_tokens_to_ids(IM_END)
@@ -37,8 +32,8 @@ def _decode(tokens: Sequence[int]) -> str:
     return TOKENIZER.decode(list(tokens))
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen2", "llama"])
-def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BaseModel:
+@pytest.fixture(scope="module", params=ARCHS)
+def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BaseLM:
     folder = make_tiny_model(
         tmp_path_factory.mktemp(request.param) / "m", request.param, tie_word_embeddings=False
     )
@@ -60,7 +55,7 @@ def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return load_base_model("tiny", str(folder), folder.parent)
 
 
-def _adapter(base: BaseModel, seed: int) -> Adapter:
+def _adapter(base: BaseLM, seed: int) -> Adapter:
     adapter = new_adapter(LoraSpec(4), base.layers, seed)
     # A fresh B is zero; make it non-zero so the adapter changes what is sampled.
     gen = torch.Generator().manual_seed(seed + 100)
@@ -142,7 +137,7 @@ def _one(
     return sequence
 
 
-def _trainer_logprobs(base: BaseModel, adapter: Adapter | None, tokens: list[int]) -> np.ndarray:
+def _trainer_logprobs(base: BaseLM, adapter: Adapter | None, tokens: list[int]) -> np.ndarray:
     """Logprobs of ``tokens[1:]`` from treadle's training forward (forward_only)."""
     if adapter is None:
         adapter = new_adapter(LoraSpec(4), base.layers, seed=0)  # B = 0: the base model
@@ -168,7 +163,7 @@ def matmuls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.parametrize("adapted", [False, True], ids=["base", "adapter"])
 @pytest.mark.usefixtures("matmuls")
-def test_greedy_matches_generate_and_logprobs_match_both_forwards(base: BaseModel, adapted: bool):
+def test_greedy_matches_generate_and_logprobs_match_both_forwards(base: BaseLM, adapted: bool):
     adapter = _adapter(base, seed=1) if adapted else None
     ref = _Reference(base.folder, adapter)
     prompt = _prompt(0, 9)
@@ -190,7 +185,7 @@ def test_greedy_matches_generate_and_logprobs_match_both_forwards(base: BaseMode
     np.testing.assert_allclose(sequence.logprobs, trainer, atol=1e-4, rtol=0)
 
 
-def test_sampled_logprobs_are_the_models_unfiltered_logprobs(base: BaseModel):
+def test_sampled_logprobs_are_the_models_unfiltered_logprobs(base: BaseLM):
     """Temperature, top-k and top-p shape the choice, never the reported logprob."""
     adapter = _adapter(base, seed=2)
     ref = _Reference(base.folder, adapter)
@@ -209,7 +204,7 @@ def test_sampled_logprobs_are_the_models_unfiltered_logprobs(base: BaseModel):
     assert int(ranks.max()) < 20
 
 
-def _mixed_requests(base: BaseModel) -> list[SampleRequest]:
+def _mixed_requests(base: BaseLM) -> list[SampleRequest]:
     a1, a2 = _adapter(base, seed=4), _adapter(base, seed=5)
     greedy = SamplingParams(max_tokens=40, temperature=0.0)
     return [
@@ -223,7 +218,7 @@ def _mixed_requests(base: BaseModel) -> list[SampleRequest]:
 
 
 @pytest.mark.usefixtures("matmuls")
-def test_continuous_batching_gives_each_request_what_it_gets_alone(base: BaseModel):
+def test_continuous_batching_gives_each_request_what_it_gets_alone(base: BaseLM):
     """Requests of different adapters and lengths, joining at different steps while others
     run (and waiting for slots: max_batch 4), get exactly the tokens they get alone."""
     requests = _mixed_requests(base)
@@ -248,7 +243,7 @@ def test_continuous_batching_gives_each_request_what_it_gets_alone(base: BaseMod
             assert s.stop_reason == t.stop_reason == "length"
 
 
-def test_seeds(base: BaseModel):
+def test_seeds(base: BaseLM):
     prompt = _prompt(20, 7)
     sampler = Sampler(base, _decode)
 
@@ -265,13 +260,15 @@ def test_seeds(base: BaseModel):
     assert three == tokens(3, n=3)
 
 
-def test_stop_token(base: BaseModel):
+def test_stop_token(base: BaseLM):
     prompt = _prompt(30, 6)
     sampler = Sampler(base, _decode)
     greedy = _one(sampler, prompt, SamplingParams(max_tokens=20, temperature=0.0)).tokens
     stop = greedy[5]
     cut = greedy.index(stop)
-    params = SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=(999, stop))
+    # Stop ids must lie in the vocabulary (check_sample); one never sampled changes nothing.
+    unused = next(t for t in range(base.vocab_size) if t not in greedy)
+    params = SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=(unused, stop))
     sequence = _one(sampler, prompt, params)
     assert sequence.tokens == greedy[: cut + 1]
     assert sequence.stop_reason == "stop"
@@ -288,7 +285,7 @@ def _numbers(tokens: Sequence[int]) -> str:
     return "".join(f"{t}," for t in tokens)
 
 
-def test_stop_string(base: BaseModel):
+def test_stop_string(base: BaseLM):
     prompt = _prompt(31, 6)
     sampler = Sampler(base, _numbers)
     greedy = _one(sampler, prompt, SamplingParams(max_tokens=24, temperature=0.0)).tokens
@@ -303,7 +300,7 @@ def test_stop_string(base: BaseModel):
     assert sequence.stop_reason == "stop"
 
 
-def test_prompt_logprobs(base: BaseModel, monkeypatch: pytest.MonkeyPatch):
+def test_prompt_logprobs(base: BaseLM, monkeypatch: pytest.MonkeyPatch):
     # Five rows of logits at a time, so the 17-token prompt crosses chunk boundaries.
     monkeypatch.setattr(sample, "_HEAD_CHUNK_ELEMENTS", 5 * base.vocab_size)
     adapter = _adapter(base, seed=6)
@@ -330,14 +327,15 @@ def test_prompt_logprobs(base: BaseModel, monkeypatch: pytest.MonkeyPatch):
     top = torch.topk(reference, 5, dim=-1)
     np.testing.assert_array_equal(ids[1:], top.indices.numpy())
     np.testing.assert_allclose(values[1:], top.values.numpy(), atol=1e-4, rtol=0)
-    # Only what was asked for; max_tokens 0 computes prompt logprobs and samples nothing.
-    request = SampleRequest(prompt, 2, SamplingParams(max_tokens=0), None, prompt_logprobs=True)
+    # Only what was asked for. A prefill-only request is max_tokens=1, as the SDK's
+    # compute_logprobs sends it (check_sample refuses max_tokens=0 everywhere).
+    request = SampleRequest(prompt, 2, SamplingParams(max_tokens=1), None, prompt_logprobs=True)
     [result] = _run(Sampler(base, _decode), [request])
     assert result.topk_prompt_logprobs is None and result.prompt_logprobs is not None
-    assert [(s.tokens, s.stop_reason) for s in result.sequences] == [([], "length")] * 2
+    assert [(len(s.tokens), s.stop_reason) for s in result.sequences] == [(1, "length")] * 2
 
 
-def test_filters_and_temperatures_that_leave_one_token_are_greedy(base: BaseModel):
+def test_filters_and_temperatures_that_leave_one_token_are_greedy(base: BaseLM):
     prompt = _prompt(50, 8)
     sampler = Sampler(base, _decode)
     greedy = _one(sampler, prompt, SamplingParams(max_tokens=16, temperature=0.0)).tokens
@@ -350,7 +348,7 @@ def test_filters_and_temperatures_that_leave_one_token_are_greedy(base: BaseMode
         assert _one(sampler, prompt, params).tokens == greedy, params
 
 
-def test_top_p_keeps_the_nucleus(base: BaseModel):
+def test_top_p_keeps_the_nucleus(base: BaseLM):
     prompt = _prompt(51, 8)
     params = SamplingParams(max_tokens=40, top_p=0.3, seed=4)
     sequence = _one(Sampler(base, _decode), prompt, params)
@@ -385,7 +383,7 @@ def _penalised_reference(
         {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.4},
     ],
 )
-def test_penalties_match_reference(base: BaseModel, penalties: dict[str, float]):
+def test_penalties_match_reference(base: BaseLM, penalties: dict[str, float]):
     """Greedy under penalties picks, at every step, the argmax of the reference-penalised
     logits — and differs from plain greedy, so the penalties did something."""
     prompt = np.array([65, 66, 67, 65, 66, 67, 65, 66], np.int64)
@@ -406,7 +404,7 @@ def test_penalties_match_reference(base: BaseModel, penalties: dict[str, float])
         assert sequence.logprobs[t] == pytest.approx(float(logprobs[n - 1 + t, token]), abs=1e-4)
 
 
-def test_a_failing_request_does_not_disturb_the_others(base: BaseModel):
+def test_a_failing_request_does_not_disturb_the_others(base: BaseLM):
     good = SampleRequest(_prompt(60, 9), 2, SamplingParams(max_tokens=12, seed=1), None)
     [alone] = _run(Sampler(base, _decode), [good])
 
@@ -432,7 +430,7 @@ def test_a_failing_request_does_not_disturb_the_others(base: BaseModel):
     sampler.add(SampleRequest(_prompt(63, 5), 1, SamplingParams(8), late), _store(outcomes, 3))
     sampler.step()
     late.pairs[path].a = torch.zeros(2, 3)
-    sampler.add(SampleRequest(_prompt(64, 4), 1, SamplingParams(0), None), _store(outcomes, 4))
+    sampler.add(SampleRequest(_prompt(64, 4), 1, SamplingParams(1), None), _store(outcomes, 4))
     while sampler.has_work():
         sampler.step()
     assert isinstance(outcomes[0], SampleResult)
@@ -450,12 +448,13 @@ def test_a_failing_request_does_not_disturb_the_others(base: BaseModel):
         ({"prompt": np.array([1, 100000], np.int64)}, "token ids"),
         ({"num_samples": 0}, "num_samples"),
         ({"params": SamplingParams(max_tokens=600)}, "context"),
+        ({"params": SamplingParams(max_tokens=0)}, "max_tokens must be between 1 and"),
         ({"params": SamplingParams(max_tokens=4, temperature=-1.0)}, "temperature"),
         ({"params": SamplingParams(max_tokens=4, top_p=0.0)}, "top_p"),
         ({"params": SamplingParams(max_tokens=4, repetition_penalty=0.0)}, "repetition"),
     ],
 )
-def test_invalid_requests_fail_with_a_message(base: BaseModel, change: dict, message: str):
+def test_invalid_requests_fail_with_a_message(base: BaseLM, change: dict, message: str):
     fields = {
         "prompt": _prompt(70, 4),
         "num_samples": 1,

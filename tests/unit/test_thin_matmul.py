@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from treadle.engine import thin_matmul as tm
-from treadle.engine.lora import LoraLinear, LoraSpec, Span, new_adapter, project_t, routing
+from treadle.engine.lora import LoraLinear, new_adapter
+from treadle.engine.pass_context import Span, routing
+from treadle.engine.projection import project_t
+from treadle.types import LoraSpec
 
 
 def _reference(weight, x_t, lora=None):
@@ -72,8 +75,8 @@ def test_declines_what_it_does_not_handle():
 
 
 def _layers(gen):
-    q = LoraLinear(torch.nn.Linear(40, 24, bias=False), "q_proj")
-    k = LoraLinear(torch.nn.Linear(40, 8, bias=False), "k_proj")
+    q = LoraLinear(torch.nn.Linear(40, 24, bias=False), "q_proj", "attn")
+    k = LoraLinear(torch.nn.Linear(40, 8, bias=False), "k_proj", "attn")
     for layer in (q, k):
         torch.nn.init.normal_(layer.base.weight, generator=gen)
     return q, k

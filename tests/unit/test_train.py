@@ -11,22 +11,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.fixtures.tiny_models import make_tiny_model
-from treadle.engine.datum import Datum
-from treadle.engine.lora import LoraSpec, new_adapter
+from tests.fixtures.tiny_models import ARCHS, make_tiny_model
+from treadle.engine.lora import new_adapter
 from treadle.engine.losses import LOSSES
-from treadle.engine.models import BaseModel, load_base_model
-from treadle.engine.train import (
-    AdamParams,
-    ForwardBackwardWork,
-    LoraModel,
-    forward_backward,
-    optim_step,
-)
+from treadle.engine.models import BaseLM, load_base_model
+from treadle.engine.train import ForwardBackwardWork, LoraModel, forward_backward, optim_step
+from treadle.types import AdamParams, Datum, LoraSpec
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen2"])
-def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BaseModel:
+@pytest.fixture(scope="module", params=ARCHS)
+def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BaseLM:
     folder = make_tiny_model(tmp_path_factory.mktemp(request.param) / "m", request.param)
     return load_base_model("tiny", str(folder), folder.parent)
 
@@ -48,7 +42,7 @@ def _data(seed: int, lengths: list[int], vocab: int = 250) -> list[Datum]:
     return out
 
 
-def _model(base: BaseModel, seed: int, rank: int = 4, **flags: bool) -> LoraModel:
+def _model(base: BaseLM, seed: int, rank: int = 4, **flags: bool) -> LoraModel:
     adapter = new_adapter(LoraSpec(rank, **flags), base.layers, seed)
     # A fresh B is zero; perturb it so the LoRA path and every gradient are exercised.
     gen = torch.Generator().manual_seed(seed + 100)
@@ -87,7 +81,7 @@ def _grads(model: LoraModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {k: (p.a.grad.clone(), p.b.grad.clone()) for k, p in model.adapter.pairs.items()}
 
 
-def test_logprobs_loss_and_gradients_match_plain_transformers(base: BaseModel):
+def test_logprobs_loss_and_gradients_match_plain_transformers(base: BaseLM):
     model = _model(base, seed=1)
     data = _data(0, [5, 9, 3, 12])
     [out] = forward_backward(
@@ -107,7 +101,7 @@ def test_logprobs_loss_and_gradients_match_plain_transformers(base: BaseModel):
 
 
 @pytest.mark.parametrize("max_tokens", [1, 7, 20, 4096])
-def test_packing_does_not_change_results(base: BaseModel, max_tokens: int):
+def test_packing_does_not_change_results(base: BaseLM, max_tokens: int):
     data = _data(1, [4, 8, 2, 6, 5])
     one = _model(base, seed=2)
     [a] = forward_backward(
@@ -126,7 +120,7 @@ def test_packing_does_not_change_results(base: BaseModel, max_tokens: int):
         torch.testing.assert_close(gb, hb, atol=2e-5, rtol=1e-4)
 
 
-def test_adapters_sharing_a_pass_match_separate_passes(base: BaseModel):
+def test_adapters_sharing_a_pass_match_separate_passes(base: BaseLM):
     """Two models' work packed into one pass: each gets exactly its own result."""
     d1, d2 = _data(2, [6, 3]), _data(3, [5, 7, 4])
     m1, m2 = _model(base, seed=3), _model(base, seed=4)
@@ -153,7 +147,7 @@ def test_adapters_sharing_a_pass_match_separate_passes(base: BaseModel):
             torch.testing.assert_close(gb, hb, atol=2e-5, rtol=1e-4)
 
 
-def test_forward_only_leaves_no_gradient(base: BaseModel):
+def test_forward_only_leaves_no_gradient(base: BaseLM):
     model = _model(base, seed=5)
     [out] = forward_backward(
         base, [ForwardBackwardWork(model, _data(4, [5]), LOSSES["cross_entropy"], {}, True)], 64
@@ -163,7 +157,7 @@ def test_forward_only_leaves_no_gradient(base: BaseModel):
     assert model.pending_datums == 0
 
 
-def test_fresh_adapter_reproduces_base_model(base: BaseModel):
+def test_fresh_adapter_reproduces_base_model(base: BaseLM):
     adapter = new_adapter(LoraSpec(8), base.layers, seed=0)
     assert all(not p.b.any() for p in adapter.pairs.values())
     data = _data(5, [7])
@@ -180,7 +174,7 @@ def test_fresh_adapter_reproduces_base_model(base: BaseModel):
     np.testing.assert_allclose(out.logprobs[0], expected.detach().numpy(), atol=2e-6)
 
 
-def test_two_dimensional_targets(base: BaseModel):
+def test_two_dimensional_targets(base: BaseLM):
     rng = np.random.default_rng(6)
     tokens = rng.integers(0, 250, 6).astype(np.int64)
     targets = rng.integers(0, 250, (6, 3)).astype(np.int64)
@@ -220,7 +214,7 @@ def test_two_dimensional_targets(base: BaseModel):
         ({"train_attn": False, "train_unembed": False}, {"gate_proj", "up_proj", "down_proj"}),
     ],
 )
-def test_lora_targets_follow_train_flags(base: BaseModel, flags: dict[str, bool], leaves: set[str]):
+def test_lora_targets_follow_train_flags(base: BaseLM, flags: dict[str, bool], leaves: set[str]):
     adapter = new_adapter(LoraSpec(5, **flags), base.layers, seed=0)
     assert {path.rsplit(".", 1)[-1] for path in adapter.pairs} == leaves
     layers = base.model.config.num_hidden_layers
@@ -250,7 +244,7 @@ def _adamw_reference(params, grads_per_step, hypers):
     return params
 
 
-def test_optim_step_is_adamw_with_every_param(base: BaseModel):
+def test_optim_step_is_adamw_with_every_param(base: BaseLM):
     model = _model(base, seed=7)
     start = [p.detach().clone() for p in model.adapter.parameters()]
     hypers = [
@@ -284,7 +278,7 @@ def test_optim_step_is_adamw_with_every_param(base: BaseModel):
 
 
 def test_a_datum_longer_than_the_budget_is_recomputed_not_stored(
-    base: BaseModel, monkeypatch: pytest.MonkeyPatch
+    base: BaseLM, monkeypatch: pytest.MonkeyPatch
 ):
     """Such a pass runs with activation checkpointing: each layer runs again in backward."""
     mlp = base.backbone.layers[-1].mlp

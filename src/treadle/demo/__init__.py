@@ -14,19 +14,7 @@ import time
 
 import httpx
 
-from treadle.settings import EMBEDDED_DEFAULT, Settings
-
-
-def _serve_args(settings: Settings) -> list[str]:
-    args = [sys.executable, "-m", "treadle", "serve", "--host", settings.host]
-    args += ["--port", str(settings.port), "--data-dir", str(settings.data_dir)]
-    args += ["--device", settings.device, "--log-level", "warning"]
-    for entry in settings.models:
-        args += [
-            "--model",
-            "embedded" if entry == EMBEDDED_DEFAULT else f"{entry.name}={entry.source}",
-        ]
-    return args
+from treadle.settings import Settings
 
 
 def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float) -> None:
@@ -42,12 +30,14 @@ def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float) -> No
     raise RuntimeError(f"treadle serve was not ready after {timeout:.0f} s")
 
 
-def run_demo(settings: Settings) -> int:
+def run_demo(settings: Settings, serve_argv: list[str]) -> int:
+    """Serve ``settings`` with ``treadle serve`` and ``serve_argv``, run the demo, stop."""
     from treadle.demo import teach_a_fact, tutorial_202
 
     url = f"http://{settings.host}:{settings.port}"
     print(f"starting treadle on {url} (the first run converts the default model, ~1 min)")
-    server = subprocess.Popen(_serve_args(settings))
+    serve = [sys.executable, "-m", "treadle", "serve", *serve_argv, "--log-level", "warning"]
+    server = subprocess.Popen(serve)
     try:
         _wait_ready(url, server, timeout=900)
         os.environ["TINKER_BASE_URL"] = url

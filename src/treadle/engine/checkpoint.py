@@ -4,7 +4,6 @@ them as they are: ``adapter_config.json`` + ``adapter_model.safetensors`` (and, 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -14,22 +13,20 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from treadle.engine.lora import Adapter, LoraLinear, LoraPair, LoraSpec
+from treadle.engine.adapter_config import CheckpointError, read_spec, write_config
+from treadle.engine.families import Family
+from treadle.engine.lora import Adapter, LoraLinear, LoraPair
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 # PEFT prefixes every module path of the wrapped model with this.
 _PEFT_PREFIX = "base_model.model."
 
 
-class CheckpointError(ValueError):
-    """A folder that is not a loadable adapter; the message says why."""
-
-
 def save_adapter(
     adapter: Adapter,
     folder: Path,
+    family: Family,
     base_model: str,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> int:
@@ -44,9 +41,7 @@ def save_adapter(
             tensors[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = pair.a.detach().cpu().contiguous()
             tensors[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = pair.b.detach().cpu().contiguous()
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(
-            json.dumps(_peft_config(adapter.spec, base_model), indent=2)
-        )
+        write_config(staging, adapter.spec, family, base_model)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
         if folder.exists():
@@ -56,44 +51,6 @@ def save_adapter(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return sum(f.stat().st_size for f in folder.iterdir())
-
-
-def _peft_config(spec: LoraSpec, base_model: str) -> dict[str, Any]:
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": spec.rank,
-        "lora_alpha": spec.alpha,
-        "lora_dropout": 0.0,
-        "target_modules": sorted(spec.targets()),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-    }
-
-
-def read_spec(folder: Path) -> tuple[LoraSpec, str | None]:
-    """The adapter's shape and the base model it was trained on (PEFT's config)."""
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder} has no readable {CONFIG_FILE}: {exc}") from exc
-    if config.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{folder} is a {config.get('peft_type')} adapter, not LoRA")
-    targets = {str(t).rsplit(".", 1)[-1] for t in config.get("target_modules") or ()}
-    spec = LoraSpec(
-        rank=int(config["r"]),
-        alpha=float(config.get("lora_alpha", config["r"])),
-        train_attn=bool(targets & {"q_proj", "k_proj", "v_proj", "o_proj"}),
-        train_mlp=bool(targets & {"gate_proj", "up_proj", "down_proj"}),
-        train_unembed="lm_head" in targets,
-    )
-    return spec, config.get("base_model_name_or_path")
 
 
 def load_adapter(folder: Path, layers: dict[str, LoraLinear]) -> Adapter:

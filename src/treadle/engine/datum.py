@@ -1,32 +1,16 @@
-"""Training data as the engine sees it, and the checks that turn bad data into user errors.
-
-A :class:`Datum` is the SDK's ``Datum`` with text tokens already flattened and every
-``loss_fn_inputs`` tensor dense: ``target_tokens`` int64, everything else float32.
-Checks run before a request is queued, so a rejected request never touches a model.
-"""
+"""The checks that turn bad training data (:class:`~treadle.types.Datum`) and loss
+choices into user errors, naming the datum and the fix. They run before a request is
+queued, so a rejected request never touches a model."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from treadle.engine.losses import LOSSES, LossSpec
-
-
-class UserInputError(ValueError):
-    """Input a user can fix; the message says what to change."""
-
-
-@dataclass
-class Datum:
-    tokens: np.ndarray  # int64 [N]: model_input
-    inputs: dict[str, np.ndarray]  # loss_fn_inputs: target_tokens int64 [N] or [N, K]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.shape[0])
+from treadle.errors import UserInputError
+from treadle.types import Datum
 
 
 def loss_spec(loss_fn: str) -> LossSpec:

@@ -11,7 +11,7 @@ outputs stay transposed (``[features, rows]``, the form MKL's fastest thin produ
 returns) instead of being copied back to rows, and the norms, rotary embedding and
 residual adds skip the module plumbing around them.
 
-Supported: the architectures :mod:`treadle.engine.models` serves (Llama, Qwen2 with its
+Supported: the families :mod:`treadle.engine.families` lists (Llama, Qwen2 with its
 q/k/v biases, Qwen3 with its per-head q/k norms); the rotary embedding is the model's
 own module, so every RoPE scaling variant is computed as transformers does.
 """
@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from treadle.engine.attention import CacheDecode, decode_attention
-from treadle.engine.lora import LoraLinear, project_t
-from treadle.engine.models import BaseModel
+from treadle.engine.families import Family
+from treadle.engine.kv_cache import CacheDecode, decode_attention
+from treadle.engine.lora import LoraLinear
+from treadle.engine.models import BaseLM
+from treadle.engine.projection import project_t
 from treadle.engine.thin_matmul import kernel
 
 
@@ -142,39 +144,21 @@ class _Layer:
 class DecodeStack:
     """The decoder stack of ``base`` for decode passes: ``[rows]`` token ids in, the
     final-norm hidden states ``[rows, hidden]`` out. Adapters come from the routing in
-    force (:func:`treadle.engine.lora.routing`), keys and values from ``decode``'s cache."""
+    force (:func:`treadle.engine.pass_context.routing`), keys and values from
+    ``decode``'s cache.
 
-    def __init__(self, base: BaseModel) -> None:
+    Building one changes where ``base``'s q/k/v and gate/up weights live (:class:`_Fused`):
+    the same values, now views of one buffer per group, which training reads too."""
+
+    def __init__(self, base: BaseLM) -> None:
         stack: Any = base.backbone  # a transformers *Model: attributes by architecture
         self._embed: nn.Module = stack.embed_tokens
         self._rotary: nn.Module = stack.rotary_emb
         self._norm: nn.Module = stack.norm
-        self._layers = [self._layer(i, layer) for i, layer in enumerate(stack.layers)]
+        family = base.family
+        self._layers = [_layer(family, i, layer) for i, layer in enumerate(stack.layers)]
         if base.device.type == "cpu":
             kernel()  # built (or loaded from its cache) with the model, not mid-request
-
-    @staticmethod
-    def _layer(index: int, layer: Any) -> _Layer:
-        attn, mlp = layer.self_attn, layer.mlp
-        q_proj: LoraLinear = attn.q_proj
-        k_proj: LoraLinear = attn.k_proj
-        head_dim = int(attn.head_dim)
-        return _Layer(
-            index=index,
-            input_norm=layer.input_layernorm,
-            post_norm=layer.post_attention_layernorm,
-            qkv=_Fused((q_proj, k_proj, attn.v_proj)),
-            q_norm=getattr(attn, "q_norm", None),
-            k_norm=getattr(attn, "k_norm", None),
-            o_proj=_Fused((attn.o_proj,)),
-            gate_up=_Fused((mlp.gate_proj, mlp.up_proj)),
-            down_proj=_Fused((mlp.down_proj,)),
-            act=mlp.act_fn,
-            heads=q_proj.base.out_features // head_dim,
-            kv_heads=k_proj.base.out_features // head_dim,
-            head_dim=head_dim,
-            scaling=float(attn.scaling),
-        )
 
     def __call__(self, tokens: Tensor, decode: CacheDecode) -> Tensor:
         hidden: Tensor = self._embed(tokens)
@@ -185,3 +169,30 @@ class DecodeStack:
             hidden = hidden + layer.attention(_rms_norm(layer.input_norm, hidden), cos, sin, decode)
             hidden = hidden + layer.mlp(_rms_norm(layer.post_norm, hidden))
         return _rms_norm(self._norm, hidden)
+
+
+def _layer(family: Family, index: int, layer: Any) -> _Layer:
+    """A decoder layer's parts, found where ``family`` says they are. Fusing q/k/v and
+    gate/up re-points those projections' weights at views of the fused buffers."""
+    attn, mlp = getattr(layer, family.attention), getattr(layer, family.mlp)
+    q_name, k_name, v_name, o_name = family.attn_modules
+    gate_name, up_name, down_name = family.mlp_modules
+    q_proj: LoraLinear = getattr(attn, q_name)
+    k_proj: LoraLinear = getattr(attn, k_name)
+    head_dim = int(attn.head_dim)
+    return _Layer(
+        index=index,
+        input_norm=getattr(layer, family.input_norm),
+        post_norm=getattr(layer, family.post_attention_norm),
+        qkv=_Fused((q_proj, k_proj, getattr(attn, v_name))),
+        q_norm=attn.q_norm if family.qk_norm else None,
+        k_norm=attn.k_norm if family.qk_norm else None,
+        o_proj=_Fused((getattr(attn, o_name),)),
+        gate_up=_Fused((getattr(mlp, gate_name), getattr(mlp, up_name))),
+        down_proj=_Fused((getattr(mlp, down_name),)),
+        act=mlp.act_fn,
+        heads=q_proj.base.out_features // head_dim,
+        kv_heads=k_proj.base.out_features // head_dim,
+        head_dim=head_dim,
+        scaling=float(attn.scaling),
+    )

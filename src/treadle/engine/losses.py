@@ -4,7 +4,7 @@ Every function takes the learner's target-token log-probabilities ``lp`` (same s
 ``target_tokens``: ``(N,)`` or ``(N, K)``), the datum's ``loss_fn_inputs`` as float32
 tensors, and the loss config; it returns the datum's loss as a scalar **sum over tokens**.
 The request's loss is the sum over its datums: Tinker never averages, so the SDK can add
-the losses of the chunks it splits a batch into (see reference/losses.md).
+the losses of the chunks it splits a batch into.
 
 Alignment is the caller's business: position ``i`` of ``model_input`` predicts
 ``target_tokens[i]``; nothing here shifts anything.

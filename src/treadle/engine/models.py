@@ -28,13 +28,14 @@ from transformers import (
 
 from treadle.engine.attention import SEGMENT_ATTENTION
 from treadle.engine.embedded import embedded_model_folder
-from treadle.engine.lora import UNEMBED_MODULE, LoraLinear, wrap_linears
+from treadle.engine.families import Family, UnsupportedFamily, family_of
+from treadle.engine.lora import LoraLinear, wrap_linears
+from treadle.types import ModelInfo
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_SOURCE = "embedded"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
 
 class ModelSourceError(ValueError):
@@ -65,14 +66,15 @@ def resolve_folder(source: str, data_dir: Path) -> Path:
 
 
 @dataclass
-class BaseModel:
-    """One frozen base model, its LoRA-wrappable linears and the facts the API reports."""
+class BaseLM:
+    """One frozen base language model, its LoRA-wrappable linears and the facts the API
+    reports. (Not "BaseModel": that is pydantic's, all over the HTTP layer.)"""
 
     name: str
     folder: Path
     model: PreTrainedModel
     layers: dict[str, LoraLinear]
-    arch: str
+    family: Family
     vocab_size: int
     max_context: int
     eos_token_ids: tuple[int, ...]  # where sampling stops unless told otherwise
@@ -99,33 +101,44 @@ class BaseModel:
         return str(self.tokenizer.decode(list(tokens)))
 
     @property
-    def tokenizer_dir(self) -> Path:
-        return self.folder
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.name,
+            arch=self.family.model_type,
+            vocab_size=self.vocab_size,
+            max_context=self.max_context,
+            eos_token_ids=self.eos_token_ids,
+            tokenizer_dir=self.folder,
+        )
 
     @property
     def backbone(self) -> nn.Module:
         """The decoder stack up to the final norm: hidden states, no logits."""
-        backbone: nn.Module = self.model.model
+        backbone: nn.Module = self.family.backbone(self.model)
         return backbone
+
+    @property
+    def head(self) -> LoraLinear:
+        """The unembedding, wrapped for its LoRA pair."""
+        return self.layers[self.family.unembed_module]
 
     @property
     def head_weight(self) -> Tensor:
         """The unembedding ``[vocab, hidden]`` (tied to the embedding in small models)."""
-        return self.layers[UNEMBED_MODULE].base.weight
+        return self.head.base.weight
 
 
 def load_base_model(
     name: str, source: str, data_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None
-) -> BaseModel:
+) -> BaseLM:
     """Load ``source`` frozen, in fp32 on CPU (bf16 matmuls are ~100x slower there) and
     bf16 on GPUs unless ``dtype`` says otherwise."""
     folder = resolve_folder(source, data_dir)
     config = AutoConfig.from_pretrained(folder)
-    if config.model_type not in SUPPORTED_ARCHS:
-        raise ModelSourceError(
-            f"{source!r} is a {config.model_type!r} model; treadle serves"
-            f" {', '.join(SUPPORTED_ARCHS)} architectures"
-        )
+    try:
+        family = family_of(config.model_type)
+    except UnsupportedFamily as exc:
+        raise ModelSourceError(f"{source!r} is {exc}") from exc
     torch_device = torch.device(device)
     if dtype is None:
         dtype = torch.float32 if torch_device.type == "cpu" else torch.bfloat16
@@ -137,14 +150,14 @@ def load_base_model(
     nn.Module.to(model, torch_device)
     model.eval().requires_grad_(False)
     _enable_checkpointing(model)
-    layers = wrap_linears(model)
+    layers = wrap_linears(model, family)
     log.info("loaded %s from %s in %.1fs", name, folder, time.perf_counter() - started)
-    return BaseModel(
+    return BaseLM(
         name=name,
         folder=folder,
         model=model,
         layers=layers,
-        arch=config.model_type,
+        family=family,
         vocab_size=config.vocab_size,
         max_context=config.max_position_embeddings,
         eos_token_ids=_eos_ids(model),
@@ -165,7 +178,7 @@ def _eos_ids(model: PreTrainedModel) -> tuple[int, ...]:
 
 def _enable_checkpointing(model: PreTrainedModel) -> None:
     """Arm (non-reentrant) activation checkpointing; it acts only in training mode, which
-    :meth:`BaseModel.checkpointed` switches on. transformers renamed the call in 5.2x."""
+    :meth:`BaseLM.checkpointed` switches on. transformers renamed the call in 5.2x."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -2,17 +2,17 @@
 
 Allocator: torch frees and re-allocates GB-sized activations every step. glibc serves
 allocations that large with fresh mmaps and unmaps them on free, so every step faults in
-zeroed pages again: measured here as 20-85 % of a CPU training step
-(reference/perf-notes.md). Told to keep freed memory (no mmap for big blocks, no
+zeroed pages again: 20-85 % of a CPU training step, measured with
+benchmarks/train_throughput.py. Told to keep freed memory (no mmap for big blocks, no
 trimming), the same step reuses warm pages.
 
-Threads: one engine thread per model does the compute and should have every core.
+Threads: one engine-loop thread per model does the compute and should have every core.
 libgomp (torch's OpenMP) gives each thread that starts a parallel region a team of its
 own, and once the process holds more OpenMP threads than cores it stops spinning at
 barriers and sleeps instead, so each of the thousands of parallel regions of a decode
 pass waits for a futex wake-up. Loading the model on a start-up thread was enough to
 trigger it: a decode pass ran 1.6x slower in the server than in a script. So every
-thread starts with one OpenMP thread (``OMP_NUM_THREADS=1``) and engine threads claim
+thread starts with one OpenMP thread (``OMP_NUM_THREADS=1``) and engine-loop threads claim
 the cores with :func:`claim_compute_threads`. (Serving several models from one CPU brings
 back several teams; one model per process is the fast setup there.)
 
@@ -30,7 +30,7 @@ import torch
 
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 _MARKER = "TREADLE_PROCESS_TUNED"
-# The cores engine threads use: the user's OMP_NUM_THREADS if set, else every core this
+# The cores engine-loop threads use: the user's OMP_NUM_THREADS if set, else every core this
 # process may run on (libgomp's own default).
 _COMPUTE_THREADS = "TREADLE_COMPUTE_THREADS"
 

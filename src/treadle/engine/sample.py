@@ -1,12 +1,13 @@
 """Batched sampling: a KV cache, continuous batching and per-row adapters.
 
 One :class:`Sampler` serves any number of requests, from any adapters of one base model,
-from a single engine thread. Each :meth:`Sampler.step` first admits waiting requests —
-their prompts prefilled together in one packed pass, like a training pass, each prompt
-once however many samples it asks for — and then advances every running sequence by one
-token in one decode pass (:mod:`treadle.engine.decode`). A sequence that finishes frees
-its cache slot at once and the next step admits new work into it, so short and long
-requests never wait for each other.
+from one thread (the model's engine loop). Each :meth:`Sampler.step` first admits waiting
+requests — their prompts prefilled together in one packed pass, like a training pass,
+each prompt once however many samples it asks for — and then advances every running
+sequence by one token in one decode pass (:mod:`treadle.engine.decode`). A sequence that
+finishes frees its cache slot at once and the next step admits new work into it, so short
+and long requests never wait for each other. A request's life is an explicit
+:class:`RequestStatus`, each sample's a :class:`SequenceStatus`.
 
 The rows of a decode pass belong to different adapters (or to none): the base matmuls
 are shared and each adapter adds its delta to its own rows (:mod:`treadle.engine.lora`).
@@ -16,9 +17,8 @@ the quantity the trainer's forward returns, so RL importance ratios start at 1.
 
 from __future__ import annotations
 
+import enum
 import logging
-import math
-import secrets
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from treadle.engine.attention import CachePrefill, KVCache, cache_decode, cached
-from treadle.engine.datum import UserInputError
 from treadle.engine.decode import DecodeStack
-from treadle.engine.lora import UNEMBED_MODULE, Adapter, Span, routing
-from treadle.engine.models import BaseModel
+from treadle.engine.kv_cache import CachePrefill, KVCache, cache_decode
+from treadle.engine.lora import Adapter
+from treadle.engine.models import BaseLM
+from treadle.engine.pass_context import Span, cached, routing
+from treadle.engine.token_selection import choose, row_generator
+from treadle.errors import UserInputError
+from treadle.sampling_params import SampleLimits, SamplingParams, check_sample
+from treadle.types import SampledSequence, SampleResult
 
 log = logging.getLogger(__name__)
 
@@ -40,32 +44,6 @@ log = logging.getLogger(__name__)
 _HEAD_CHUNK_ELEMENTS = 2**25
 # Tinker's value for the (empty) top-k prompt logprobs of the first prompt token.
 EMPTY_LOGPROB = -99999.0
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = -1  # -1 (or 0) = off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None  # same seed + same request -> same tokens, whatever else is batched
-    stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    # HF/vLLM semantics: divide positive logits / multiply negative ones of every token
-    # seen in prompt + output.
-    repetition_penalty: float = 1.0
-    # OpenAI/vLLM semantics, over generated tokens: logit -= presence·[n>0] + frequency·n.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-    @property
-    def penalised(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-        )
 
 
 @dataclass
@@ -78,22 +56,26 @@ class SampleRequest:
     topk_prompt_logprobs: int = 0
 
 
-@dataclass
-class SampledSequence:
-    tokens: list[int]
-    logprobs: list[float]  # log p(token) at temperature 1, unfiltered, unpenalised
-    stop_reason: str  # "stop" (stop token or string) or "length" (max_tokens)
-
-
-@dataclass
-class SampleResult:
-    sequences: list[SampledSequence]
-    prompt_logprobs: np.ndarray | None  # float32 [len(prompt)], NaN at position 0
-    # (ids int32 [n, k], logprobs float32 [n, k]); row 0 empty: ids 0, logprobs -99999.0
-    topk_prompt_logprobs: tuple[np.ndarray, np.ndarray] | None
-
-
 Done = Callable[[SampleResult | BaseException], None]
+
+
+class RequestStatus(enum.Enum):
+    """A request's life: waiting for admission, running (its sequences decode), then
+    handed back once, finished or failed."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class SequenceStatus(enum.Enum):
+    """One sample's life: running, then stopped (a stop token or string) or at its
+    length (``max_tokens``). A failed request's sequences stop with it."""
+
+    RUNNING = "running"
+    STOPPED = "stop"
+    LENGTH = "length"
 
 
 @dataclass(eq=False)
@@ -105,7 +87,7 @@ class _Request:
     sequences: list[_Sequence] = field(default_factory=list)
     prompt_logprobs: np.ndarray | None = None
     topk_prompt_logprobs: tuple[np.ndarray, np.ndarray] | None = None
-    failed: bool = False
+    status: RequestStatus = RequestStatus.WAITING
 
     @property
     def params(self) -> SamplingParams:
@@ -123,7 +105,7 @@ class _Sequence:
     length: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    stop_reason: str | None = None
+    status: SequenceStatus = SequenceStatus.RUNNING
 
     @property
     def params(self) -> SamplingParams:
@@ -131,7 +113,10 @@ class _Sequence:
 
     @property
     def retired(self) -> bool:
-        return self.stop_reason is not None or self.owner.failed
+        """Its cache slot can be freed: it ended, or its request failed."""
+        return (
+            self.status is not SequenceStatus.RUNNING or self.owner.status is RequestStatus.FAILED
+        )
 
 
 class Sampler:
@@ -139,17 +124,21 @@ class Sampler:
 
     def __init__(
         self,
-        base: BaseModel,
+        base: BaseLM,
         decode: Callable[[Sequence[int]], str],
         max_batch: int = 64,
         max_prefill_tokens: int = 8192,
+        limits: SampleLimits | None = None,
     ) -> None:
         self.base = base
         self.decode = decode
         self.max_batch = max_batch
         # Bounds the activations of one prefill pass; a longer prompt still runs, alone.
         self.max_prefill_tokens = max_prefill_tokens
-        self._head = base.layers[UNEMBED_MODULE]
+        self.limits = limits or SampleLimits()
+        self._head = base.head
+        # Re-points base's q/k/v and gate/up weights at views of fused buffers (same
+        # values; training reads them too): see decode.DecodeStack.
         self._stack = DecodeStack(base)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Sequence] = []
@@ -188,25 +177,15 @@ class Sampler:
     # -- validation -------------------------------------------------------------------
 
     def _check(self, request: SampleRequest) -> None:
-        prompt, params = request.prompt, request.params
-        vocab = self.base.vocab_size
-        if prompt.ndim != 1 or prompt.shape[0] == 0 or not np.issubdtype(prompt.dtype, np.integer):
-            raise UserInputError("the prompt must be a non-empty list of token ids")
-        if prompt.min() < 0 or prompt.max() >= vocab:
-            raise UserInputError(f"prompt token ids must lie in [0, {vocab}) for this model")
-        if request.num_samples < 1:
-            raise UserInputError(f"num_samples must be at least 1, got {request.num_samples}")
-        if params.max_tokens < 0:
-            raise UserInputError(f"max_tokens must be at least 0, got {params.max_tokens}")
-        if prompt.shape[0] + params.max_tokens > self.base.max_context:
-            raise UserInputError(
-                f"the prompt ({prompt.shape[0]} tokens) plus max_tokens ({params.max_tokens})"
-                f" exceeds the model's context of {self.base.max_context} tokens;"
-                " shorten the prompt or lower max_tokens"
-            )
-        _check_params(params)
-        if not 0 <= request.topk_prompt_logprobs <= vocab:
-            raise UserInputError(f"topk_prompt_logprobs must lie in [0, {vocab}]")
+        check_sample(
+            request.prompt,
+            request.num_samples,
+            request.params,
+            request.topk_prompt_logprobs,
+            self.base.vocab_size,
+            self.base.max_context,
+            self.limits,
+        )
         if request.adapter is not None:
             self._check_adapter(request.adapter)
 
@@ -240,6 +219,7 @@ class Sampler:
             if not (fits or alone):
                 break
             admitted.append(self._waiting.popleft())
+            admitted[-1].status = RequestStatus.RUNNING
             slots += samples
             tokens += prompt
         return admitted
@@ -288,7 +268,7 @@ class Sampler:
             if request.request.prompt_logprobs or request.request.topk_prompt_logprobs:
                 self._prompt_logprobs(request, hidden[start : start + n])
         sequences = [
-            _Sequence(r, _generator(r.params.seed, i), length=n)
+            _Sequence(r, row_generator(r.params.seed, i), length=n)
             for r, n in zip(requests, lengths, strict=True)
             for i in range(r.request.num_samples)
         ]
@@ -357,23 +337,16 @@ class Sampler:
         if k:
             request.topk_prompt_logprobs = (top_ids, top_logprobs)
 
-    # -- choosing tokens ----------------------------------------------------------------
-
-    def _choose(self, logits: Tensor, sequences: list[_Sequence]) -> tuple[list[int], list[float]]:
+    @staticmethod
+    def _choose(logits: Tensor, sequences: list[_Sequence]) -> tuple[list[int], list[float]]:
         """The next token of each row, and its logprob under the model itself."""
-        norm = torch.logsumexp(logits, -1)
-        scores = _penalised(logits, sequences)
-        chosen = torch.empty(len(sequences), dtype=torch.long, device=logits.device)
-        greedy = [i for i, s in enumerate(sequences) if s.params.temperature == 0]
-        drawn = [i for i, s in enumerate(sequences) if s.params.temperature != 0]
-        if greedy:
-            rows = _index(greedy, len(sequences), logits.device)
-            chosen[rows] = scores[rows].argmax(-1)
-        if drawn:
-            rows = _index(drawn, len(sequences), logits.device)
-            chosen[rows] = _draw(scores[rows], [sequences[i] for i in drawn])
-        logprobs = logits.gather(-1, chosen[:, None])[:, 0] - norm
-        return chosen.tolist(), logprobs.tolist()
+        return choose(
+            logits,
+            [s.params for s in sequences],
+            [s.owner.request.prompt for s in sequences],
+            [s.tokens for s in sequences],
+            [s.generator for s in sequences],
+        )
 
     # -- bookkeeping --------------------------------------------------------------------
 
@@ -385,7 +358,7 @@ class Sampler:
         touched: dict[int, _Request] = {}
         for sequence, token, logprob in zip(sequences, tokens, logprobs, strict=True):
             owner = sequence.owner
-            if owner.failed:
+            if owner.status is not RequestStatus.RUNNING:
                 continue
             touched[id(owner)] = owner
             try:
@@ -395,20 +368,19 @@ class Sampler:
                 self._fail(owner, exc)
         self._retire()
         for owner in touched.values():
-            if not owner.failed and all(s.stop_reason for s in owner.sequences):
+            ended = all(s.status is not SequenceStatus.RUNNING for s in owner.sequences)
+            if owner.status is RequestStatus.RUNNING and ended:
+                owner.status = RequestStatus.FINISHED
                 _call(owner.done, _result(owner))
 
     def _append(self, sequence: _Sequence, token: int, logprob: float) -> None:
         params = sequence.params
-        if params.max_tokens == 0:
-            sequence.stop_reason = "length"
-            return
         sequence.tokens.append(token)
         sequence.logprobs.append(logprob)
         if token in params.stop_token_ids or self._stop_string_ends(sequence):
-            sequence.stop_reason = "stop"
+            sequence.status = SequenceStatus.STOPPED
         elif len(sequence.tokens) >= params.max_tokens:
-            sequence.stop_reason = "length"
+            sequence.status = SequenceStatus.LENGTH
 
     def _stop_string_ends(self, sequence: _Sequence) -> bool:
         """Whether the last token completes one of the stop strings. Only a tail is
@@ -422,7 +394,7 @@ class Sampler:
         return any(stop in text for stop in stops)
 
     def _fail(self, request: _Request, exc: BaseException) -> None:
-        request.failed = True
+        request.status = RequestStatus.FAILED
         _call(request.done, exc)
 
     def _retire(self) -> None:
@@ -437,24 +409,6 @@ class Sampler:
                 self._cache.move(last, slot, moved.length)
                 self._running[slot] = moved
             self._running.pop()
-
-
-def _check_params(params: SamplingParams) -> None:
-    checks = [
-        (math.isfinite(params.temperature) and params.temperature >= 0, "temperature >= 0"),
-        (params.top_k >= -1, "top_k >= 1, or -1 for no top-k"),
-        (0 < params.top_p <= 1, "0 < top_p <= 1"),
-        (0 <= params.min_p <= 1, "0 <= min_p <= 1"),
-        (
-            math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0,
-            "repetition_penalty > 0",
-        ),
-        (math.isfinite(params.presence_penalty), "a finite presence_penalty"),
-        (math.isfinite(params.frequency_penalty), "a finite frequency_penalty"),
-    ]
-    for ok, needed in checks:
-        if not ok:
-            raise UserInputError(f"invalid sampling parameters: {needed} is required")
 
 
 def _owners(sequences: list[_Sequence]) -> dict[_Request, None]:
@@ -480,106 +434,10 @@ def _spans(adapters: list[Adapter | None], sizes: list[int], device: torch.devic
     return spans
 
 
-def _index(rows: list[int], total: int, device: torch.device) -> slice | Tensor:
-    return slice(None) if len(rows) == total else torch.tensor(rows, device=device)
-
-
-def _penalised(logits: Tensor, sequences: list[_Sequence]) -> Tensor:
-    """``logits`` with each row's repetition/presence/frequency penalties applied."""
-    rows = [i for i, s in enumerate(sequences) if s.params.penalised]
-    if not rows:
-        return logits
-    out = logits.clone()
-    for i in rows:
-        sequence, params, row = sequences[i], sequences[i].params, out[i]
-        generated = torch.tensor(sequence.tokens, dtype=torch.long, device=logits.device)
-        if params.repetition_penalty != 1.0:
-            prompt = torch.from_numpy(sequence.owner.request.prompt).to(logits.device)
-            seen = torch.unique(torch.cat([prompt, generated]))
-            values = row[seen]
-            penalty = params.repetition_penalty
-            row[seen] = torch.where(values > 0, values / penalty, values * penalty)
-        if generated.numel():
-            ids, counts = torch.unique(generated, return_counts=True)
-            row[ids] -= params.frequency_penalty * counts + params.presence_penalty
-    return out
-
-
-def _draw(scores: Tensor, sequences: list[_Sequence]) -> Tensor:
-    """Sample one token per row after temperature, top-k, top-p and min-p (vLLM's
-    order), by inverting each row's CDF at one uniform draw from the row's own generator:
-    one random number per token keeps a seeded sequence the same whatever it shares a
-    batch with."""
-    params = [s.params for s in sequences]
-    device = scores.device
-    if any(p.temperature != 1.0 for p in params):
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        scores = scores / temperature[:, None]
-    elif any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-        scores = scores.clone()  # the filters below write in place; the caller's stay
-    _top_k(scores, [p.top_k for p in params])
-    _top_p(scores, [p.top_p for p in params])
-    _min_p(scores, [p.min_p for p in params])
-    cdf = torch.softmax(scores, -1).cumsum_(-1)
-    uniform = torch.cat([torch.rand(1, generator=s.generator) for s in sequences]).to(device)
-    # right=True: the first token whose CDF exceeds the draw, never a zero-probability one.
-    chosen = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]
-    return chosen.clamp_(max=scores.shape[-1] - 1)
-
-
-def _top_k(scores: Tensor, ks: list[int]) -> None:
-    vocab = scores.shape[-1]
-    rows = [i for i, k in enumerate(ks) if 0 < k < vocab]
-    if not rows:
-        return
-    index = torch.tensor(rows, device=scores.device)
-    part = scores[index]
-    k = torch.tensor([ks[i] for i in rows], device=scores.device)
-    top = torch.topk(part, int(k.max()), dim=-1).values
-    # Ties with the k-th score are kept, as in HF and vLLM.
-    threshold = top.gather(-1, (k - 1)[:, None])
-    scores[index] = part.masked_fill(part < threshold, -math.inf)
-
-
-def _top_p(scores: Tensor, ps: list[float]) -> None:
-    rows = [i for i, p in enumerate(ps) if p < 1.0]
-    if not rows:
-        return
-    index = torch.tensor(rows, device=scores.device)
-    ordered, order = scores[index].sort(-1, descending=True)
-    probs = torch.softmax(ordered, -1)
-    before = probs.cumsum(-1) - probs
-    # Keep the smallest prefix whose mass reaches p (always at least the top token).
-    drop = before >= torch.tensor([ps[i] for i in rows], device=scores.device)[:, None]
-    drop[:, 0] = False
-    ordered.masked_fill_(drop, -math.inf)
-    scores[index] = torch.empty_like(ordered).scatter_(-1, order, ordered)
-
-
-def _min_p(scores: Tensor, ps: list[float]) -> None:
-    rows = [i for i, p in enumerate(ps) if p > 0.0]
-    if not rows:
-        return
-    index = torch.tensor(rows, device=scores.device)
-    part = scores[index]
-    # p < min_p · p_max  <=>  score < max score + log(min_p)
-    floor = torch.tensor([math.log(ps[i]) for i in rows], device=scores.device)[:, None]
-    scores[index] = part.masked_fill(part < part.max(-1, keepdim=True).values + floor, -math.inf)
-
-
-def _generator(seed: int | None, index: int) -> torch.Generator:
-    """Sample ``index`` of a request gets its own stream, derived from the request's seed
-    (or a fresh random one), so samples differ and a seeded request is reproducible."""
-    root = secrets.randbits(64) if seed is None else seed % 2**64
-    state = np.random.SeedSequence([root, index]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 def _result(request: _Request) -> SampleResult:
     return SampleResult(
         sequences=[
-            SampledSequence(s.tokens, s.logprobs, s.stop_reason or "length")
-            for s in request.sequences
+            SampledSequence(s.tokens, s.logprobs, s.status.value) for s in request.sequences
         ],
         prompt_logprobs=request.prompt_logprobs,
         topk_prompt_logprobs=request.topk_prompt_logprobs,

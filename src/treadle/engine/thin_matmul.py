@@ -9,7 +9,8 @@ matrix-vector product. It is compiled with torch's extension builder the first t
 process needs it (~30 s, then cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``); where that cannot work (no AVX2, no C++ compiler),
 :func:`thin_matmul` declines and callers use ``torch.mm``. ``TREADLE_THIN_MATMUL=0``
-turns the kernel off.
+(or ``treadle serve --no-thin-matmul``, through :func:`set_thin_matmul`) turns the kernel
+off.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("thin_matmul.cpp")
 # Up to here the kernel beat MKL on every SmolLM2 shape (measured at 1, 8, 16, 32 and 64).
 MAX_COLUMNS = 64
+_SWITCH = "TREADLE_THIN_MATMUL"
 
 
 @functools.cache
 def kernel() -> ModuleType | None:
     """The compiled kernel, or None where it cannot run here (logged once, with why)."""
-    if os.environ.get("TREADLE_THIN_MATMUL") == "0":
+    if os.environ.get(_SWITCH) == "0":
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
@@ -55,6 +57,16 @@ def kernel() -> ModuleType | None:
         log.warning("thin-matmul kernel unavailable (%s); decode uses torch.mm", exc)
         return None
     return module
+
+
+def set_thin_matmul(enabled: bool) -> None:
+    """Turn the kernel on or off for this process (the environment variable is the one
+    switch :func:`kernel` reads, so child processes inherit it)."""
+    if enabled:
+        os.environ.pop(_SWITCH, None)
+    else:
+        os.environ[_SWITCH] = "0"
+    kernel.cache_clear()
 
 
 def _put_ninja_on_path() -> None:

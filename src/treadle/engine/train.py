@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from treadle.engine.attention import packed
-from treadle.engine.datum import Datum
-from treadle.engine.lora import UNEMBED_MODULE, Adapter, Span, routing
+from treadle.engine.lora import Adapter
 from treadle.engine.losses import LossSpec
-from treadle.engine.models import BaseModel
+from treadle.engine.models import BaseLM
+from treadle.engine.pass_context import Span, packed, routing
+from treadle.types import AdamParams, Datum
 
 # Rows of logits materialised at once by the head: bounds the [rows, vocab] temporaries
 # to 2**25 floats (128 MiB in fp32) whatever the vocabulary.
@@ -91,12 +91,12 @@ class _TargetLogprobs(torch.autograd.Function):
 
 
 def target_logprobs(
-    base: BaseModel, hidden: Tensor, targets: Tensor, adapter: Adapter | None
+    base: BaseLM, hidden: Tensor, targets: Tensor, adapter: Adapter | None
 ) -> Tensor:
     """Log-probabilities of ``targets`` (``[n]`` or ``[n, K]``) given final hidden states
     ``[n, H]``, through the unembedding and its LoRA pair if the adapter has one."""
     index = targets if targets.dim() == 2 else targets[:, None]
-    pair = adapter.pairs.get(UNEMBED_MODULE) if adapter is not None else None
+    pair = adapter.pairs.get(base.head.path) if adapter is not None else None
     extra_hidden = extra_weight = None
     if adapter is not None and pair is not None:
         extra_hidden = (hidden @ pair.a.to(hidden.dtype).t()) * adapter.spec.scale
@@ -134,7 +134,6 @@ class ForwardBackwardWork:
 class ForwardBackwardOutcome:
     logprobs: list[np.ndarray]  # per datum, float32, the shape of its target_tokens
     loss: float  # summed over tokens and datums
-    num_tokens: int = 0
 
 
 @dataclass
@@ -152,7 +151,7 @@ class _Pass:
 
 
 def forward_backward(
-    base: BaseModel, works: Sequence[ForwardBackwardWork], max_tokens: int
+    base: BaseLM, works: Sequence[ForwardBackwardWork], max_tokens: int
 ) -> list[ForwardBackwardOutcome]:
     """Run every work item; gradients of the non-forward-only ones accumulate in their
     adapters. Returns one outcome per work item, in order."""
@@ -178,7 +177,6 @@ def forward_backward(
                 _run_pass(base, works, one_pass, outcomes, losses, backward=not forward_only)
     for w, work in enumerate(works):
         outcomes[w].loss = float(torch.stack(losses[w]).sum()) if losses[w] else 0.0
-        outcomes[w].num_tokens = sum(d.num_tokens for d in work.data)
         if not work.forward_only:
             work.model.pending_datums += len(work.data)
     return outcomes
@@ -199,7 +197,7 @@ def _packed_passes(items: list[_Item], max_tokens: int) -> Iterator[_Pass]:
 
 
 def _run_pass(
-    base: BaseModel,
+    base: BaseLM,
     works: Sequence[ForwardBackwardWork],
     one_pass: _Pass,
     outcomes: list[ForwardBackwardOutcome],
@@ -243,19 +241,6 @@ def _run_pass(
             pass_losses.append(loss)
         if backward:
             torch.stack(pass_losses).sum().backward()
-
-
-@dataclass(frozen=True)
-class AdamParams:
-    """Tinker's AdamW hyper-parameters (its defaults differ from torch's: β2 0.95,
-    eps 1e-12, no weight decay, no clipping)."""
-
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
 
 
 def optim_step(model: LoraModel, params: AdamParams) -> dict[str, float]:

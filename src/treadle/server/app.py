@@ -11,21 +11,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from treadle import __version__
-from treadle.engine.datum import UserInputError
+from treadle.errors import NotFound, UserInputError, message_of
 from treadle.server.routes import checkpoints, client, futures, sampling, sessions, training
-from treadle.service.errors import NotFound
-from treadle.service.service import Service
+from treadle.service.service import LoadWorker, Service
 from treadle.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
+    """The app serving ``settings.models``, each loaded by ``load_worker`` at startup."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         # Loading models takes seconds to minutes; keep the loop free meanwhile.
-        service = await asyncio.to_thread(Service.start, settings, loop)
+        service = await asyncio.to_thread(Service.start, settings, loop, load_worker)
         app.state.service = service
         log.info("treadle %s serving %s", __version__, ", ".join(e.name for e in settings.models))
         try:
@@ -41,10 +42,10 @@ def create_app(settings: Settings) -> FastAPI:
     # treats an empty 400 as a proxy glitch.
     @app.exception_handler(UserInputError)
     async def user_error(request: Request, exc: UserInputError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": message_of(exc)}, status_code=400)
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc.args[0]) if exc.args else "not found"}, 404)
+        return JSONResponse({"detail": message_of(exc)}, status_code=404)
 
     return app

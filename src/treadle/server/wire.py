@@ -8,17 +8,44 @@ The protobuf module is the SDK's own, so the layout matches it by construction.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import zstandard
-from tinker.proto import tinker_public_pb2 as pb
 
-from treadle.engine.datum import Datum, UserInputError
-from treadle.engine.sample import SampleResult
-from treadle.service.training import ForwardBackwardResult
+from treadle.errors import UserInputError
+from treadle.types import Datum, ForwardBackwardResult, SampleResult
+
+
+def _sdk_protobuf() -> ModuleType:
+    """The SDK's generated protobuf module, loaded on its own. ``import tinker.proto…``
+    would first run the ``tinker`` package's ``__init__``, which imports torch (seconds
+    and hundreds of MB) into a layer that computes nothing; the module itself needs only
+    ``google.protobuf``. Registered under its own name, so a later ``import tinker``
+    in the same process reuses it instead of registering the schema twice."""
+    name = "tinker.proto.tinker_public_pb2"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("tinker")
+    if package is None or package.origin is None:
+        raise ImportError("the tinker SDK is not installed")
+    path = Path(package.origin).parent / "proto" / "tinker_public_pb2.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pb: Any = _sdk_protobuf()
 
 PROTOBUF = "application/x-protobuf"
 

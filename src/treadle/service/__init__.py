@@ -1,2 +1,3 @@
 """The brain: sessions, futures, ordering and the training/sampling services.
-asyncio-facing, no HTTP; compute is handed to the engine threads."""
+asyncio-facing, no HTTP and no torch; compute is handed to each base model's engine
+loop, which drives the engine through a worker (:mod:`treadle.service.served`)."""

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from treadle.engine.datum import UserInputError
+from treadle.errors import UserInputError
 
 PREFIX = "tinker://"
 KINDS = ("weights", "sampler_weights")

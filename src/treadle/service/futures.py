@@ -2,8 +2,9 @@
 result is fetched by long-polling ``retrieve_future``.
 
 Futures live in memory only — the hot path (submit, resolve, poll) touches no database.
-Results are resolved from engine threads and awaited on the event loop; a finished result
-is kept for ``retention`` seconds because the SDK may poll again after a transport error.
+Results are resolved from engine-loop threads and awaited on the event loop; a finished
+result is kept for ``retention`` seconds (a setting): the SDK may poll again after a
+transport error.
 """
 
 from __future__ import annotations
@@ -16,18 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True)
-class Failure:
-    """A request that failed; ``category`` is Tinker's: ``user`` (fix the input),
-    ``server`` or ``unknown``."""
-
-    message: str
-    category: str = "user"
-
-
 @dataclass
 class _Entry:
-    kind: str
     done: asyncio.Event = field(default_factory=asyncio.Event)
     value: Any = None
     finished_at: float | None = None
@@ -40,7 +31,7 @@ class UnknownFuture(KeyError):
 class FutureStore:
     """Request ids to results. Create and wait on the event loop; resolve from anywhere."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, retention: float = 3600.0) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, retention: float) -> None:
         self._loop = loop
         self._retention = retention
         self._entries: dict[str, _Entry] = {}
@@ -48,16 +39,17 @@ class FutureStore:
         self._counter = itertools.count(1)
         self._pruned_at = time.monotonic()
 
-    def create(self, kind: str) -> str:
+    def create(self) -> str:
         now = time.monotonic()
         if now - self._pruned_at > 60:
             self._prune(now)
         request_id = f"req-{self._prefix}-{next(self._counter)}"
-        self._entries[request_id] = _Entry(kind)
+        self._entries[request_id] = _Entry()
         return request_id
 
     def resolve(self, request_id: str, value: Any) -> None:
-        """Set the result (a :class:`Failure` for errors). Safe from any thread."""
+        """Set the result (a :class:`~treadle.errors.Failure` for errors). Safe from any
+        thread."""
         self._loop.call_soon_threadsafe(self._set, request_id, value)
 
     def _set(self, request_id: str, value: Any) -> None:
@@ -67,12 +59,6 @@ class FutureStore:
         entry.value = value
         entry.finished_at = time.monotonic()
         entry.done.set()
-
-    def kind(self, request_id: str) -> str:
-        entry = self._entries.get(request_id)
-        if entry is None:
-            raise UnknownFuture(request_id)
-        return entry.kind
 
     async def wait(self, request_id: str, timeout: float) -> tuple[bool, Any]:
         """``(True, result)`` once done, or ``(False, None)`` after ``timeout`` seconds."""
@@ -84,9 +70,6 @@ class FutureStore:
         except TimeoutError:
             return False, None
         return True, entry.value
-
-    def pending(self) -> int:
-        return sum(1 for entry in self._entries.values() if not entry.done.is_set())
 
     def _prune(self, now: float) -> None:
         self._pruned_at = now

@@ -1,24 +1,25 @@
-"""Assembling the service: store, futures, sessions and one engine per served model."""
+"""Assembling the service: store, futures, sessions, and a worker and engine loop per
+served base model."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from treadle.engine.models import load_base_model
-from treadle.engine.process import claim_compute_threads
-from treadle.engine.sample import Sampler
-from treadle.service.engines import Engine
+from treadle.service.engine_loop import EngineLoop
 from treadle.service.futures import FutureStore
 from treadle.service.sampling import Sampling
-from treadle.service.scheduler import Scheduler
+from treadle.service.served import ServedModel, Worker
 from treadle.service.sessions import Sessions
 from treadle.service.store import Store
-from treadle.service.training import Training, packed_runner, result_of
-from treadle.settings import Settings
+from treadle.service.training import Training
+from treadle.settings import ModelEntry, Settings
 
-log = logging.getLogger(__name__)
+# Loads a served model into a worker (blocking); the engine's is
+# treadle.engine.worker.load_worker. Passed in, so this layer never imports torch.
+LoadWorker = Callable[[ModelEntry, Settings], Worker]
 
 
 @dataclass
@@ -29,34 +30,39 @@ class Service:
     sessions: Sessions
     training: Training
     sampling: Sampling
+    models: dict[str, ServedModel]
 
     @classmethod
-    def start(cls, settings: Settings, loop: asyncio.AbstractEventLoop) -> Service:
+    def start(
+        cls, settings: Settings, loop: asyncio.AbstractEventLoop, load_worker: LoadWorker
+    ) -> Service:
         """Load every served model (blocking: run it off the event loop) and start their
-        engine threads."""
+        engine loops."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.db_path)
-        futures = FutureStore(loop)
-        engines: dict[str, Engine] = {}
+        futures = FutureStore(loop, settings.future_retention_seconds)
+        models: dict[str, ServedModel] = {}
         for entry in settings.models:
-            base = load_base_model(entry.name, entry.source, settings.data_dir, settings.device)
-            scheduler = Scheduler(
-                entry.name,
-                futures,
-                packed_runner(base, settings.max_tokens_per_pass),
-                result_of,
-                Sampler(base, base.decode),
-                claim_compute_threads,
-            )
-            scheduler.start()
-            engines[entry.name] = Engine(base, scheduler)
-        sampling = Sampling(engines, futures, settings.data_dir)
-        training = Training(
-            engines, futures, store, sampling, settings.data_dir, settings.max_lora_rank
-        )
-        return cls(settings, store, futures, Sessions(store), training, sampling)
+            worker = load_worker(entry, settings)
+            engine_loop = EngineLoop(worker, futures, settings.retry_window)
+            engine_loop.start()
+            models[entry.name] = ServedModel(worker, engine_loop)
+        sampling = Sampling(models, futures, settings)
+        training = Training(models, futures, store, sampling, settings)
+        return cls(settings, store, futures, Sessions(store), training, sampling, models)
 
     def stop(self) -> None:
-        for engine in self.training.engines.values():
-            engine.scheduler.stop()
+        for served in self.models.values():
+            served.loop.stop()
         self.store.close()
+
+    def capabilities(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "model_name": name,
+                "max_context_length": served.info.max_context,
+                "trainable": True,
+                "sampleable": True,
+            }
+            for name, served in self.models.items()
+        ]

@@ -156,14 +156,8 @@ class Store:
         rows = self._execute("SELECT * FROM training_runs WHERE model_id = ?", (model_id,))
         return _run_row(rows[0]) if rows else None
 
-    def training_runs(self, session_id: str | None = None) -> list[TrainingRunRow]:
-        if session_id is None:
-            rows = self._execute("SELECT * FROM training_runs ORDER BY created_at")
-        else:
-            rows = self._execute(
-                "SELECT * FROM training_runs WHERE session_id = ? ORDER BY created_at",
-                (session_id,),
-            )
+    def training_runs(self) -> list[TrainingRunRow]:
+        rows = self._execute("SELECT * FROM training_runs ORDER BY created_at")
         return [_run_row(row) for row in rows]
 
     def add_checkpoint(self, row: CheckpointRow) -> None:

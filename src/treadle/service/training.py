@@ -2,63 +2,31 @@
 
 Requests are checked here, before they are queued, so a bad one becomes a failed future
 (category ``user``) that never touches model state; good ones go to the base model's
-:class:`~treadle.service.scheduler.Scheduler` and run on its engine thread.
+:class:`~treadle.service.engine_loop.EngineLoop` and run on its thread, through its
+worker. Checks that need the model (a checkpoint's shape, pending gradients) run in the
+request's turn, so a numbered request always takes its turn.
 """
 
 from __future__ import annotations
 
-import logging
+import collections
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from treadle.engine.checkpoint import (
-    CheckpointError,
-    load_adapter,
-    load_optimizer_state,
-    read_spec,
-    save_adapter,
-)
-from treadle.engine.datum import (
-    Datum,
-    UserInputError,
-    check_data,
-    loss_spec,
-    resolve_config,
-)
-from treadle.engine.lora import Adapter, LoraSpec, new_adapter
-from treadle.engine.models import BaseModel
-from treadle.engine.train import (
-    AdamParams,
-    ForwardBackwardOutcome,
-    ForwardBackwardWork,
-    LoraModel,
-    forward_backward,
-    optim_step,
-)
+from treadle.engine.adapter_config import read_spec
+from treadle.errors import Failure, NotFound, UserInputError, failure_of
 from treadle.service.checkpoints import CheckpointPath, check_name
-from treadle.service.engines import Engine, find_engine
-from treadle.service.errors import NotFound
-from treadle.service.futures import Failure, FutureStore
-from treadle.service.sampling import Sampling
-from treadle.service.scheduler import Op, PackedRunner
+from treadle.service.engine_loop import Packable, Queued, Rejected, Solo
+from treadle.service.futures import FutureStore
+from treadle.service.sampling import Sampling, sampler_id
+from treadle.service.served import Adapter, ServedModel, TrainingModel, find_model
 from treadle.service.store import CheckpointRow, Store, TrainingRunRow
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ForwardBackwardResult:
-    """What ``forward``/``forward_backward`` return: per-datum target logprobs and metrics
-    (``name:reduction`` keys, as the SDK requires)."""
-
-    logprobs: list[Any]  # numpy float32 arrays, one per datum
-    metrics: dict[str, float]
+from treadle.settings import Settings
+from treadle.types import AdamParams, Datum, LoraSpec
 
 
 @dataclass
@@ -67,31 +35,38 @@ class TrainingRun:
     session_id: str
     base_model: str
     spec: LoraSpec
-    model: LoraModel | None = None  # set on the engine thread by create_model
+    model: TrainingModel | None = None  # set on the engine loop by create_model
     created_at: float = field(default_factory=time.time)
+
+    def built(self) -> TrainingModel:
+        if self.model is None:
+            raise UserInputError(f"model {self.model_id} failed to be created")
+        return self.model
 
 
 class Training:
     def __init__(
         self,
-        engines: Mapping[str, Engine],
+        models: Mapping[str, ServedModel],
         futures: FutureStore,
         store: Store,
         sampling: Sampling,
-        data_dir: Path,
-        max_lora_rank: int,
+        settings: Settings,
     ) -> None:
-        self.engines = engines
+        self.models = models
         self._futures = futures
         self._store = store
         self._sampling = sampling
-        self._data_dir = data_dir
-        self._max_rank = max_lora_rank
+        self._data_dir = settings.data_dir
+        self._max_rank = settings.max_lora_rank
         self._runs: dict[str, TrainingRun] = {}
-        self._creates: dict[str, str] = {}  # model_id -> request id of its create_model
+        # model_id -> request id of its create_model (or create-from-state), so a retried
+        # create answers with the first one's future; the oldest entries go first.
+        self._creates: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._creates_limit = settings.retry_window
 
-    def engine(self, base_model: str) -> Engine:
-        return find_engine(self.engines, base_model)
+    def model(self, base_model: str) -> ServedModel:
+        return find_model(self.models, base_model)
 
     def run(self, model_id: str) -> TrainingRun:
         run = self._runs.get(model_id)
@@ -103,6 +78,8 @@ class Training:
                 " memory until saved); create a new one, or load it from a checkpoint"
             )
         raise NotFound(f"unknown model_id {model_id!r}; create it with create_model first")
+
+    # -- creating models --------------------------------------------------------------
 
     def create_model(
         self,
@@ -117,35 +94,70 @@ class Training:
         optimizer: str,
         user_metadata: dict[str, Any],
     ) -> tuple[str, str]:
-        """Returns ``(request_id, model_id)``; the adapter is built on the engine thread."""
+        """Returns ``(request_id, model_id)``; the adapter is built on the engine loop.
+        Bad input is a failed future, as for every create."""
+
+        def start(model_id: str) -> tuple[TrainingRun, ServedModel, Callable[[], Any]]:
+            served = self._check_create(session_id, base_model, rank, optimizer)
+            if not (train_attn or train_mlp or train_unembed):
+                raise UserInputError("set at least one of train_attn, train_mlp, train_unembed")
+            spec = LoraSpec(
+                rank, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed
+            )
+            run = TrainingRun(model_id, session_id, base_model, spec)
+            self._record(run, seed, user_metadata)
+
+            def build() -> dict[str, str]:
+                run.model = served.worker.new_model(spec, seed)
+                return {"model_id": model_id, "type": "create_model"}
+
+            return run, served, build
+
+        return self._create(session_id, model_seq_id, start)
+
+    def create_from_state(
+        self, session_id: str, model_seq_id: int, tinker_path: str, optimizer: bool
+    ) -> tuple[str, str]:
+        """``create_training_client_from_state``: a new model whose request 0 is this load."""
+
+        def start(model_id: str) -> tuple[TrainingRun, ServedModel, Callable[[], Any]]:
+            self._check_session(session_id)
+            folder = self._checkpoint_folder(tinker_path)
+            spec, base_model = read_spec(folder)
+            served = self.model(base_model or "")
+            run = TrainingRun(model_id, session_id, served.info.name, spec)
+            self._record(run, None)
+
+            def load() -> dict[str, str]:
+                run.model = served.worker.load(folder, optimizer)
+                return {"type": "load_weights", "path": tinker_path, "model_id": model_id}
+
+            return run, served, load
+
+        return self._create(session_id, model_seq_id, start)
+
+    def _create(
+        self,
+        session_id: str,
+        model_seq_id: int,
+        start: Callable[[str], tuple[TrainingRun, ServedModel, Callable[[], Any]]],
+    ) -> tuple[str, str]:
+        """Make model ``session:train:seq`` with ``start``'s checks and first request."""
         model_id = f"{session_id}:train:{model_seq_id}"
         if model_id in self._creates:
             return self._creates[model_id], model_id
         try:
-            engine = self._check_create(session_id, base_model, rank, optimizer)
-            if not (train_attn or train_mlp or train_unembed):
-                raise UserInputError("set at least one of train_attn, train_mlp, train_unembed")
-        except UserInputError as exc:
-            request_id = self._futures.create("create_model")
-            self._futures.resolve(request_id, Failure(str(exc)))
-            return request_id, model_id
-        spec = LoraSpec(
-            rank, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed
-        )
-        run = TrainingRun(model_id, session_id, base_model, spec)
-        self._runs[model_id] = run
-        self._record(run, seed, user_metadata)
-
-        def build() -> dict[str, str]:
-            adapter = new_adapter(spec, engine.base.layers, seed)
-            run.model = LoraModel.create(adapter)
-            return {"model_id": model_id, "type": "create_model"}
-
-        request_id = engine.scheduler.submit(
-            model_id, None, "create_model", lambda rid: Op(rid, call=build)
-        )
-        engine.scheduler.start_order(model_id, 1)
+            run, served, first = start(model_id)
+        except (UserInputError, NotFound) as exc:
+            request_id = self._futures.create()
+            self._futures.resolve(request_id, failure_of(exc))
+        else:
+            self._runs[model_id] = run
+            request_id = served.loop.call(model_id, first)
+            served.loop.start_order(model_id, 1)
         self._creates[model_id] = request_id
+        while len(self._creates) > self._creates_limit:
+            self._creates.popitem(last=False)
         return request_id, model_id
 
     def _record(
@@ -167,35 +179,42 @@ class Training:
             )
         )
 
-    def _check_create(self, session_id: str, base_model: str, rank: int, optimizer: str) -> Engine:
+    def _check_session(self, session_id: str) -> None:
         if not self._store.has_session(session_id):
             raise UserInputError(f"unknown session {session_id!r}; call create_session first")
-        engine = self.engine(base_model)
+
+    def _check_create(
+        self, session_id: str, base_model: str, rank: int, optimizer: str
+    ) -> ServedModel:
+        self._check_session(session_id)
+        served = self.model(base_model)
         if not 1 <= rank <= self._max_rank:
             raise UserInputError(f"LoRA rank must be between 1 and {self._max_rank}, got {rank}")
         if optimizer != "adamw":
             raise UserInputError(
                 f"optimizer {optimizer!r} is not supported by treadle; use AdamW (the default)"
             )
-        return engine
+        return served
 
     def get_info(self, model_id: str) -> dict[str, Any]:
         run = self.run(model_id)
-        base = self.engines[run.base_model].base
+        info = self.models[run.base_model].info
         return {
             "type": "get_info",
             "model_id": model_id,
             "model_data": {
-                "arch": base.arch,
+                "arch": info.arch,
                 "model_name": run.base_model,
                 # A local folder: the client loads the tokenizer offline from it.
-                "tokenizer_id": str(base.tokenizer_dir),
+                "tokenizer_id": str(info.tokenizer_dir),
             },
             "is_lora": True,
             "lora_rank": run.spec.rank,
             "model_name": run.base_model,
             "optimizer_config": {"type": "adamw"},
         }
+
+    # -- requests in seq_id order -------------------------------------------------------
 
     def forward_backward(
         self,
@@ -210,24 +229,19 @@ class Training:
         """Queue a forward(_backward); ``problem`` is a decoding error of its body, reported
         in the request's turn."""
         run = self.run(model_id)
-        engine = self.engines[run.base_model]
-        kind = "forward" if forward_only else "forward_backward"
+        served = self.models[run.base_model]
+        worker = served.worker
 
-        def make_op(request_id: str) -> Op:
+        def make(request_id: str) -> Queued:
             if problem is not None:
-                return Op(request_id, failure=Failure(problem))
+                return Rejected(request_id, Failure(problem))
             try:
-                spec = loss_spec(loss_fn)
-                config = resolve_config(spec, loss_fn, loss_fn_config)
-                check_data(data, spec, loss_fn, engine.base.vocab_size, engine.base.max_context)
+                loss = worker.check_forward_backward(data, loss_fn, dict(loss_fn_config))
             except UserInputError as exc:
-                return Op(request_id, failure=Failure(str(exc)))
-            return Op(
-                request_id,
-                work=lambda: ForwardBackwardWork(_built(run), data, spec, config, forward_only),
-            )
+                return Rejected(request_id, failure_of(exc))
+            return Packable(request_id, lambda: worker.work(run.built(), data, loss, forward_only))
 
-        return engine.scheduler.submit(model_id, seq_id, kind, make_op)
+        return served.loop.submit(model_id, seq_id, make)
 
     def optim_step(
         self,
@@ -239,43 +253,39 @@ class Training:
     ) -> str:
         """Queue an AdamW step; ``problem`` is a decoding error, reported in its turn."""
         run = self.run(model_id)
-        engine = self.engines[run.base_model]
+        served = self.models[run.base_model]
 
         def step() -> dict[str, Any]:
-            model = _built(run)
-            if model.pending_datums == 0:
-                raise UserInputError(
-                    "optim_step with no gradients: call forward_backward since the last"
-                    " optim_step first (forward() computes no gradients)"
-                )
-            metrics = optim_step(model, params)
+            metrics = served.worker.optim_step(run.built(), params)
             return {"type": "optim_step", "metrics": metrics}
 
-        def make_op(request_id: str) -> Op:
+        def make(request_id: str) -> Queued:
             bad = problem or (
                 f"optimizer {optimizer!r} is not supported by treadle; use AdamParams"
                 if optimizer != "adamw"
                 else _check_adam(params)
             )
             if bad:
-                return Op(request_id, failure=Failure(bad))
-            return Op(request_id, call=step)
+                return Rejected(request_id, Failure(bad))
+            return Solo(request_id, step)
 
-        request_id = engine.scheduler.submit(model_id, seq_id, "optim_step", make_op)
+        request_id = served.loop.submit(model_id, seq_id, make)
         self._store.touch_training_run(model_id)
         return request_id
 
     def save_state(self, model_id: str, seq_id: int | None, name: str, overwrite: bool) -> str:
         """``save_state``: adapter + AdamW state, to resume training later."""
         run = self.run(model_id)
+        worker = self.models[run.base_model].worker
 
         def save() -> dict[str, str]:
             path = CheckpointPath(model_id, "weights", check_name(name))
-            model = _built(run)
-            self._write(run, path, model.adapter, model.optimizer, overwrite)
+            model = run.built()
+            folder = self._writable(path, overwrite)
+            self._saved(run, path, worker.save_model(folder, model))
             return {"type": "save_weights", "path": path.tinker_path}
 
-        return self._in_order(run, seq_id, "save_weights", save)
+        return self._in_order(run, seq_id, save)
 
     def save_for_sampler(
         self, model_id: str, seq_id: int | None, name: str | None, sampling_seq: int | None
@@ -283,6 +293,7 @@ class Training:
         """Named: a PEFT checkpoint on disk (sampled from memory while the server runs).
         Unnamed: an ephemeral sampling session over a snapshot of the current weights."""
         run = self.run(model_id)
+        worker = self.models[run.base_model].worker
 
         def save() -> dict[str, str]:
             if name is None and sampling_seq is None:
@@ -290,31 +301,28 @@ class Training:
                     "save_weights_for_sampler needs a path (name) or a sampling_session_seq_id"
                 )
             path = CheckpointPath(model_id, "sampler_weights", check_name(name)) if name else None
-            snapshot = _built(run).adapter.detached()
+            snapshot: Adapter = worker.snapshot(run.built())
             if path is not None:
-                self._write(run, path, snapshot, None, overwrite=True)
+                folder = self._writable(path, overwrite=True)
+                self._saved(run, path, worker.save_adapter(folder, snapshot))
                 self._sampling.remember_snapshot(path.tinker_path, snapshot)
                 return {"type": "save_weights_for_sampler", "path": path.tinker_path}
-            sampler_id = f"{run.session_id}:sample:{sampling_seq}"
-            self._sampling.add_ephemeral(sampler_id, run.base_model, model_id, snapshot)
-            return {"type": "save_weights_for_sampler", "sampling_session_id": sampler_id}
+            assert sampling_seq is not None
+            sampler = sampler_id(run.session_id, sampling_seq)
+            self._sampling.add_ephemeral(sampler, run.base_model, model_id, snapshot)
+            return {"type": "save_weights_for_sampler", "sampling_session_id": sampler}
 
-        return self._in_order(run, seq_id, "save_weights_for_sampler", save)
+        return self._in_order(run, seq_id, save)
 
-    def _write(
-        self,
-        run: TrainingRun,
-        path: CheckpointPath,
-        adapter: Adapter,
-        optimizer: torch.optim.Optimizer | None,
-        overwrite: bool,
-    ) -> None:
+    def _writable(self, path: CheckpointPath, overwrite: bool) -> Path:
         folder = path.folder(self._data_dir)
         if folder.exists() and not overwrite:
             raise UserInputError(
                 f"{path.tinker_path} exists; save under another name or pass overwrite=True"
             )
-        size = save_adapter(adapter, folder, run.base_model, optimizer)
+        return folder
+
+    def _saved(self, run: TrainingRun, path: CheckpointPath, size: int) -> None:
         self._store.add_checkpoint(
             CheckpointRow(path.tinker_path, run.model_id, path.kind, path.name, time.time(), size)
         )
@@ -324,113 +332,82 @@ class Training:
     ) -> str:
         """``load_state``: replace an existing model's weights (and AdamW state)."""
         run = self.run(model_id)
-        engine = self.engines[run.base_model]
+        worker = self.models[run.base_model].worker
 
         def load() -> dict[str, str]:
-            folder = self._checkpoint_folder(tinker_path, run.base_model)
-            loaded = _load(folder, engine, optimizer)
-            if loaded.adapter.spec != run.spec:
+            folder = self._checkpoint_folder(tinker_path)
+            _, trained_on = read_spec(folder)
+            if trained_on != run.base_model:
                 raise UserInputError(
-                    f"{tinker_path} is a rank-{loaded.adapter.spec.rank} adapter of other"
-                    f" modules than model {model_id} (rank {run.spec.rank}); load it with"
+                    f"{tinker_path} was trained on {trained_on}, not {run.base_model}"
+                )
+            loaded = worker.load(folder, optimizer)
+            spec = worker.spec_of(loaded)
+            if spec != run.spec:
+                raise UserInputError(
+                    f"{tinker_path} is a rank-{spec.rank} adapter of other modules than model"
+                    f" {model_id} (rank {run.spec.rank}); load it with"
                     " create_training_client_from_state instead"
                 )
             run.model = loaded
             return {"type": "load_weights", "path": tinker_path, "model_id": model_id}
 
-        return self._in_order(run, seq_id, "load_weights", load)
+        return self._in_order(run, seq_id, load)
 
-    def create_from_state(
-        self, session_id: str, model_seq_id: int, tinker_path: str, optimizer: bool
-    ) -> tuple[str, str]:
-        """``create_training_client_from_state``: a new model whose request 0 is this load."""
-        model_id = f"{session_id}:train:{model_seq_id}"
-        if model_id in self._creates:
-            return self._creates[model_id], model_id
-        if not self._store.has_session(session_id):
-            raise UserInputError(f"unknown session {session_id!r}; call create_session first")
-        folder = self._checkpoint_folder(tinker_path, None)
-        try:
-            spec, base_model = read_spec(folder)
-        except CheckpointError as exc:
-            raise UserInputError(str(exc)) from exc
-        engine = self.engine(base_model or "")
-        run = TrainingRun(model_id, session_id, engine.base.name, spec)
-        self._runs[model_id] = run
-        self._record(run, None)
-
-        def load() -> dict[str, str]:
-            run.model = _load(folder, engine, optimizer)
-            return {"type": "load_weights", "path": tinker_path, "model_id": model_id}
-
-        request_id = engine.scheduler.call(model_id, load, "load_weights")
-        engine.scheduler.start_order(model_id, 1)
-        self._creates[model_id] = request_id
-        return request_id, model_id
-
-    def _checkpoint_folder(self, tinker_path: str, base_model: str | None) -> Path:
+    def _checkpoint_folder(self, tinker_path: str) -> Path:
         path = CheckpointPath.parse(tinker_path)
         folder = path.folder(self._data_dir)
         if not folder.is_dir():
             raise NotFound(f"no checkpoint at {tinker_path}")
-        if base_model is not None:
-            _, trained_on = read_spec(folder)
-            if trained_on != base_model:
-                raise UserInputError(f"{tinker_path} was trained on {trained_on}, not {base_model}")
         return folder
 
-    def delete_checkpoint(self, path: CheckpointPath) -> bool:
+    def delete_checkpoint(self, path: CheckpointPath) -> None:
         folder = path.folder(self._data_dir)
         found = self._store.delete_checkpoint(path.tinker_path)
         if folder.is_dir():
             shutil.rmtree(folder)
             found = True
         self._sampling.forget_snapshot(path.tinker_path)
-        return found
+        if not found:
+            raise NotFound(f"no checkpoint at {path.tinker_path}")
 
-    def _in_order(self, run: TrainingRun, seq_id: int | None, kind: str, fn: Any) -> str:
+    def _in_order(self, run: TrainingRun, seq_id: int | None, fn: Callable[[], Any]) -> str:
         """Queue ``fn`` in the model's seq_id order. Its checks run there too: a request
         the SDK numbered must take its turn even when it fails, or every later request of
         the model would wait for the gap."""
-        engine = self.engines[run.base_model]
-        return engine.scheduler.submit(run.model_id, seq_id, kind, lambda r: Op(r, call=fn))
+        loop = self.models[run.base_model].loop
+        return loop.submit(run.model_id, seq_id, lambda request_id: Solo(request_id, fn))
 
     def unload(self, model_id: str) -> str:
         run = self.run(model_id)
-        engine = self.engines[run.base_model]
+        loop = self.models[run.base_model].loop
 
         def drop() -> dict[str, str]:
             self._runs.pop(model_id, None)
-            engine.scheduler.forget(model_id)
+            loop.forget(model_id)
             return {"model_id": model_id, "type": "unload_model"}
 
-        return engine.scheduler.submit(model_id, None, "unload_model", lambda r: Op(r, call=drop))
+        return loop.submit(model_id, None, lambda request_id: Solo(request_id, drop))
+
+    # -- what the REST API lists --------------------------------------------------------
 
     def runs_of(self, session_id: str) -> list[str]:
         return [run.model_id for run in self._runs.values() if run.session_id == session_id]
 
+    def training_runs(self) -> list[TrainingRunRow]:
+        return self._store.training_runs()
 
-def _load(folder: Path, engine: Engine, with_optimizer: bool) -> LoraModel:
-    """A model from a checkpoint folder, with its AdamW state when asked for and saved."""
-    try:
-        model = LoraModel.create(load_adapter(folder, engine.base.layers))
-    except CheckpointError as exc:
-        raise UserInputError(str(exc)) from exc
-    if with_optimizer:
-        state = load_optimizer_state(folder)
-        if state is None:
-            raise UserInputError(
-                f"{folder.name} was saved without optimizer state (save_weights_for_sampler);"
-                " load it without the optimizer, or save it with save_state"
-            )
-        model.optimizer.load_state_dict(state)
-    return model
+    def training_run(self, run_id: str) -> TrainingRunRow:
+        row = self._store.training_run(run_id)
+        if row is None:
+            raise NotFound(f"unknown training run {run_id!r}")
+        return row
 
-
-def _built(run: TrainingRun) -> LoraModel:
-    if run.model is None:
-        raise UserInputError(f"model {run.model_id} failed to be created")
-    return run.model
+    def checkpoints(self, run_id: str | None = None) -> list[CheckpointRow]:
+        """Checkpoints of one run (which must exist), or of every run."""
+        if run_id is not None:
+            self.training_run(run_id)
+        return self._store.checkpoints(run_id)
 
 
 def _check_adam(params: AdamParams) -> str | None:
@@ -444,19 +421,3 @@ def _check_adam(params: AdamParams) -> str | None:
     if params.eps < 0 or params.weight_decay < 0 or params.grad_clip_norm < 0:
         return "eps, weight_decay and grad_clip_norm must be >= 0"
     return None
-
-
-def packed_runner(base: BaseModel, max_tokens_per_pass: int) -> PackedRunner:
-    """The scheduler's hook into the engine: run a cycle's packed forward/backward."""
-
-    def run(works: list[ForwardBackwardWork], cycle: int) -> list[ForwardBackwardOutcome]:
-        return forward_backward(base, works, max_tokens_per_pass)
-
-    return run
-
-
-def result_of(outcome: ForwardBackwardOutcome, cycle: int) -> ForwardBackwardResult:
-    return ForwardBackwardResult(
-        logprobs=outcome.logprobs,
-        metrics={"loss:sum": outcome.loss, "clock_cycle:unique": float(cycle)},
-    )

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict
 
 from treadle.server.deps import ServiceDep
 from treadle.service.checkpoints import CheckpointPath
-from treadle.service.errors import NotFound
 from treadle.service.store import CheckpointRow, TrainingRunRow
 
 router = APIRouter(prefix="/api/v1")
@@ -54,41 +53,33 @@ def _run(row: TrainingRunRow, checkpoints: list[CheckpointRow]) -> dict[str, Any
     return answer
 
 
-def _run_row(service: ServiceDep, run_id: str) -> TrainingRunRow:
-    row = service.store.training_run(run_id)
-    if row is None:
-        raise NotFound(f"unknown training run {run_id!r}")
-    return row
-
-
 @router.get("/training_runs")
 async def list_training_runs(
     service: ServiceDep, limit: int = 20, offset: int = 0
 ) -> dict[str, Any]:
-    rows = service.store.training_runs()
+    rows = service.training.training_runs()
     page = rows[offset : offset + limit]
     return {
-        "training_runs": [_run(r, service.store.checkpoints(r.model_id)) for r in page],
+        "training_runs": [_run(r, service.training.checkpoints(r.model_id)) for r in page],
         "cursor": {"offset": offset, "limit": limit, "total_count": len(rows)},
     }
 
 
 @router.get("/training_runs/{run_id}")
 async def get_training_run(run_id: str, service: ServiceDep) -> dict[str, Any]:
-    return _run(_run_row(service, run_id), service.store.checkpoints(run_id))
+    return _run(service.training.training_run(run_id), service.training.checkpoints(run_id))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
 async def list_checkpoints(run_id: str, service: ServiceDep) -> dict[str, Any]:
-    _run_row(service, run_id)
-    return {"checkpoints": [_checkpoint(c) for c in service.store.checkpoints(run_id)]}
+    return {"checkpoints": [_checkpoint(c) for c in service.training.checkpoints(run_id)]}
 
 
 @router.get("/checkpoints")
 async def list_user_checkpoints(
     service: ServiceDep, limit: int = 100, offset: int = 0
 ) -> dict[str, Any]:
-    rows = service.store.checkpoints()
+    rows = service.training.checkpoints()
     return {
         "checkpoints": [_checkpoint(c) for c in rows[offset : offset + limit]],
         "cursor": {"offset": offset, "limit": limit, "total_count": len(rows)},
@@ -98,8 +89,7 @@ async def list_user_checkpoints(
 @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}", status_code=204)
 async def delete_checkpoint(run_id: str, kind: str, name: str, service: ServiceDep) -> Response:
     path = CheckpointPath.parse(f"tinker://{run_id}/{kind}/{name}")
-    if not service.training.delete_checkpoint(path):
-        raise NotFound(f"no checkpoint at {path.tinker_path}")
+    service.training.delete_checkpoint(path)
     return Response(status_code=204)
 
 
@@ -111,7 +101,7 @@ class WeightsInfoRequest(BaseModel):
 @router.post("/weights_info")
 async def weights_info(body: WeightsInfoRequest, service: ServiceDep) -> dict[str, Any]:
     path = CheckpointPath.parse(body.tinker_path)
-    row = _run_row(service, path.model_id)
+    row = service.training.training_run(path.model_id)
     return {
         "base_model": row.base_model,
         "is_lora": True,

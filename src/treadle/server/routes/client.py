@@ -36,14 +36,4 @@ async def telemetry(body: dict[str, Any] | None = None) -> dict[str, str]:
 
 @router.get("/get_server_capabilities")
 async def capabilities(service: ServiceDep) -> dict[str, Any]:
-    return {
-        "supported_models": [
-            {
-                "model_name": name,
-                "max_context_length": engine.base.max_context,
-                "trainable": True,
-                "sampleable": True,
-            }
-            for name, engine in service.training.engines.items()
-        ]
-    }
+    return {"supported_models": service.capabilities()}

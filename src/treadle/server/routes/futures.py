@@ -8,12 +8,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from treadle.engine.sample import SampleResult
+from treadle.errors import Failure, NotFound
 from treadle.server import wire
 from treadle.server.deps import ServiceDep
-from treadle.service.errors import NotFound
-from treadle.service.futures import Failure, UnknownFuture
-from treadle.service.training import ForwardBackwardResult
+from treadle.service.futures import UnknownFuture
+from treadle.types import ForwardBackwardResult, SampleResult
 
 router = APIRouter(prefix="/api/v1")
 

@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
-from treadle.engine.datum import UserInputError
+from treadle.errors import UserInputError
 from treadle.server.deps import ServiceDep
 
 router = APIRouter(prefix="/api/v1")
@@ -62,10 +62,11 @@ class SampleRequest(_Lenient):
 async def create_sampling_session(
     body: CreateSamplingSessionRequest, service: ServiceDep
 ) -> dict[str, str]:
-    sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
     if not service.sessions.exists(body.session_id):
         raise UserInputError(f"unknown session {body.session_id!r}; call create_session first")
-    service.sampling.create_session(sampler_id, body.base_model, body.model_path)
+    sampler_id = service.sampling.create_session(
+        body.session_id, body.sampling_session_seq_id, body.base_model, body.model_path
+    )
     return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 
 

@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from treadle.errors import NotFound
 from treadle.server.deps import ServiceDep
-from treadle.service.errors import NotFound
 
 router = APIRouter(prefix="/api/v1")
 

@@ -9,10 +9,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from treadle.engine.datum import UserInputError
-from treadle.engine.train import AdamParams
+from treadle.errors import UserInputError
 from treadle.server import wire
 from treadle.server.deps import ServiceDep
+from treadle.types import AdamParams
 
 router = APIRouter(prefix="/api/v1")
 
