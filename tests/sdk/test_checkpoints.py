@@ -128,3 +128,44 @@ def test_checkpoint_errors(service_client):
     with pytest.raises(tinker.RequestFailedError, match="exists"):
         tc.save_state("exists").result()
     assert tc.forward([DATA[0]], "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("not json {", "no readable adapter_config.json"),
+        ('{"peft_type": "LORA"}', "no readable adapter_config.json"),
+        ('{"peft_type": "IA3", "r": 4}', "not LoRA"),
+    ],
+)
+def test_a_damaged_checkpoint_is_the_users_error_everywhere(
+    service_client, server: Server, damage: str, message: str
+):
+    """load_state, create_training_client_from_state and sampling all answer a damaged
+    adapter_config.json with a user failure naming it, and the model keeps working."""
+    tc = service_client.create_lora_training_client(base_model=QWEN, rank=4).result()
+    path = tc.save_state("to-damage").result().path
+    (_folder(server, path) / "adapter_config.json").write_text(damage)
+    with pytest.raises(tinker.RequestFailedError, match=message) as info:
+        tc.load_state(path).result()
+    assert info.value.category == "user"
+    with pytest.raises(tinker.RequestFailedError, match=message) as info:
+        service_client.create_training_client_from_state(path).result()
+    assert info.value.category == "user"
+    assert tc.forward([DATA[0]], "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+def test_create_from_state_reports_bad_input_like_create_model(service_client):
+    """Both creates answer bad input with a failed future of category user (not an HTTP
+    error for one and a future for the other)."""
+    bad_paths = {
+        "tinker://sess-none:train:0/weights/nothing-here": "no checkpoint",
+        "tinker://x/weights/../../etc": "must look like",
+    }
+    for path, message in bad_paths.items():
+        with pytest.raises(tinker.RequestFailedError, match=message) as info:
+            service_client.create_training_client_from_state(path).result()
+        assert info.value.category == "user"
+    with pytest.raises(tinker.RequestFailedError, match="rank must be between") as info:
+        service_client.create_lora_training_client(base_model=QWEN, rank=0).result()
+    assert info.value.category == "user"

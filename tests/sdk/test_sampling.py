@@ -219,3 +219,44 @@ def test_bad_sampler_references(service_client, server: Server, trained):
     sampler = service_client.create_sampling_client(base_model=QWEN).result()
     ok = sampler.sample(_prompt(), 1, types.SamplingParams(max_tokens=2)).result()
     assert 1 <= len(ok.sequences[0].tokens) <= 2
+
+
+def test_top_k_zero_means_no_top_k(service_client):
+    """The one sampling check accepts top_k=0 as "off" (like -1), as the engine always
+    treated it: the same seeded draw as with top_k=-1."""
+    sampler = service_client.create_sampling_client(base_model=QWEN).result()
+
+    def draw(top_k: int) -> list[int]:
+        params = types.SamplingParams(max_tokens=8, temperature=1.0, top_k=top_k, seed=5, stop=[])
+        return sampler.sample(_prompt(), 1, params).result().sequences[0].tokens
+
+    assert draw(0) == draw(-1)
+    assert len(draw(0)) == 8
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory, tiny_models):
+    srv = Server(
+        {QWEN: tiny_models[QWEN]},
+        tmp_path_factory.mktemp("limited") / "treadle",
+        ["--max-num-samples", "3", "--retry-window", "2", "--long-poll-seconds", "2"],
+    )
+    yield srv
+    srv.stop()
+
+
+def test_sampling_limits_come_from_the_settings(limited_server: Server):
+    client = tinker.ServiceClient(base_url=limited_server.url, api_key=API_KEY)
+    sampler_id = client.create_sampling_client(base_model=QWEN).result()._sampling_session_id
+    response = _sample_error(limited_server, sampler_id, num_samples=4)
+    assert response.status_code == 400
+    assert "num_samples must be between 1 and 3, got 4" in response.json()["detail"]
+    # Retried submits are recognised while remembered; the memory of them is bounded by
+    # --retry-window (2), so the third submit after seq 0 pushes it out.
+    ids = [
+        _sample_error(limited_server, sampler_id, seq_id=seq, num_samples=3).json()["request_id"]
+        for seq in (0, 0, 1, 2, 0)
+    ]
+    assert ids[0] == ids[1]
+    assert len(set(ids)) == 4
+    client.close("success")

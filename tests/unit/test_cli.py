@@ -80,3 +80,52 @@ def test_help_describes_the_commands():
     assert done.returncode == 0
     for option in ("--model NAME=SOURCE", "--data-dir", "--port", "--max-tokens-per-pass"):
         assert option in done.stdout
+
+
+def test_every_limit_is_a_flag_and_the_demo_passes_them_all_on(tmp_path: Path):
+    """Each setting has a serve flag with --help text; what `treadle demo` was given
+    reaches the server it starts unchanged."""
+    from treadle.cli import build_parser, serve_argv, settings_of
+    from treadle.settings import Settings
+
+    done = _treadle("serve", "--help")
+    for option in (
+        "--dtype",
+        "--no-thin-matmul",
+        "--max-lora-rank",
+        "--sampler-max-batch",
+        "--sampler-max-prefill-tokens",
+        "--max-num-samples",
+        "--max-topk-prompt-logprobs",
+        "--ephemeral-samplers-per-model",
+        "--retry-window",
+        "--future-retention-seconds",
+    ):
+        assert option in done.stdout
+    given = [
+        "demo",
+        "--data-dir",
+        str(tmp_path),
+        "--dtype",
+        "bfloat16",
+        "--no-thin-matmul",
+        "--sampler-max-batch",
+        "7",
+        "--max-num-samples",
+        "3",
+        "--retry-window",
+        "9",
+        "--future-retention-seconds",
+        "12.5",
+        "--model",
+        "x=/models/x",
+    ]
+    settings = settings_of(build_parser().parse_args(given))
+    assert settings != Settings()
+    assert (settings.sampler_max_batch, settings.retry_window, settings.thin_matmul) == (
+        7,
+        9,
+        False,
+    )
+    served = settings_of(build_parser().parse_args(["serve", *serve_argv(settings)]))
+    assert served == settings
