@@ -60,7 +60,7 @@ _LIMITS: list[tuple[str, str, type, str]] = [
         "--retry-window",
         "retry_window",
         int,
-        "recent seq_ids per model (and create/sample submits overall) remembered, so a"
+        "recent seq_ids per model (and sample submits overall) remembered, so a"
         " retried submit runs once",
     ),
     (

@@ -70,7 +70,7 @@ class Settings:
     # the cookbook samples a few steps off-policy at most.
     ephemeral_samplers_per_model: int = 8
     # Retried submits are answered with the first submit's future: per model, this many
-    # recent seq_ids (and this many recent create/sample submits overall) are remembered.
+    # recent seq_ids (and this many recent sample submits overall) are remembered.
     retry_window: int = 4096
     # retrieve_future holds a poll this long before answering try_again (SDK timeout: 45 s).
     long_poll_seconds: float = 25.0

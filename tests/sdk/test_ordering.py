@@ -164,3 +164,27 @@ def test_rejected_numbered_requests_leave_no_gap(service_client, raw: Raw):
     assert "not supported" in raw.result(dimuon)["error"]
     assert "encoded_text" in raw.result(bad_json)["error"]
     assert "error" not in raw.result(good)
+
+
+def test_a_retried_create_model_answers_with_the_first_future(server: Server):
+    """A retried create of a live model gets the first create's future; once the model is
+    unloaded, creating it again under the same id is refused (its run is on record)
+    instead of silently making a second one."""
+    raw = Raw(server)
+    session = raw.http.post("/create_session", json={}).json()["session_id"]
+    body = {
+        "session_id": session,
+        "model_seq_id": 0,
+        "base_model": QWEN,
+        "lora_config": {"rank": 4},
+    }
+    first = raw.http.post("/create_model", json=body).json()
+    again = raw.http.post("/create_model", json=body).json()
+    assert again == first
+    assert raw.result(first["request_id"])["model_id"] == first["model_id"]
+    unload = raw.http.post("/unload_model", json={"model_id": first["model_id"]}).json()
+    raw.result(unload["request_id"])
+    third = raw.http.post("/create_model", json=body).json()
+    assert third["request_id"] != first["request_id"]
+    failure = raw.result(third["request_id"])
+    assert failure["category"] == "user" and "created before and is gone" in failure["error"]

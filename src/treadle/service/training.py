@@ -9,7 +9,6 @@ request's turn, so a numbered request always takes its turn.
 
 from __future__ import annotations
 
-import collections
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,8 @@ class TrainingRun:
     spec: LoraSpec
     model: TrainingModel | None = None  # set on the engine loop by create_model
     created_at: float = field(default_factory=time.time)
+    # The request that creates it: a retried create answers with this future.
+    create_request_id: str = ""
 
     def built(self) -> TrainingModel:
         if self.model is None:
@@ -60,10 +61,6 @@ class Training:
         self._data_dir = settings.data_dir
         self._max_rank = settings.max_lora_rank
         self._runs: dict[str, TrainingRun] = {}
-        # model_id -> request id of its create_model (or create-from-state), so a retried
-        # create answers with the first one's future; the oldest entries go first.
-        self._creates: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._creates_limit = settings.retry_window
 
     def model(self, base_model: str) -> ServedModel:
         return find_model(self.models, base_model)
@@ -142,23 +139,28 @@ class Training:
         model_seq_id: int,
         start: Callable[[str], tuple[TrainingRun, ServedModel, Callable[[], Any]]],
     ) -> tuple[str, str]:
-        """Make model ``session:train:seq`` with ``start``'s checks and first request."""
+        """Make model ``session:train:seq`` with ``start``'s checks and first request. A
+        retried create of a live model answers with the first create's future; a refused
+        one changed nothing, so its retry is checked (and refused) again."""
         model_id = f"{session_id}:train:{model_seq_id}"
-        if model_id in self._creates:
-            return self._creates[model_id], model_id
+        live = self._runs.get(model_id)
+        if live is not None:
+            return live.create_request_id, model_id
         try:
+            if self._store.training_run(model_id) is not None:
+                raise UserInputError(
+                    f"model {model_id} was created before and is gone (unloaded, or lost in a"
+                    " restart); create a new one under another model_seq_id"
+                )
             run, served, first = start(model_id)
         except (UserInputError, NotFound) as exc:
             request_id = self._futures.create()
             self._futures.resolve(request_id, failure_of(exc))
-        else:
-            self._runs[model_id] = run
-            request_id = served.loop.call(model_id, first)
-            served.loop.start_order(model_id, 1)
-        self._creates[model_id] = request_id
-        while len(self._creates) > self._creates_limit:
-            self._creates.popitem(last=False)
-        return request_id, model_id
+            return request_id, model_id
+        self._runs[model_id] = run
+        run.create_request_id = served.loop.call(model_id, first)
+        served.loop.start_order(model_id, 1)
+        return run.create_request_id, model_id
 
     def _record(
         self, run: TrainingRun, seed: int | None, user_metadata: dict[str, Any] | None = None
