@@ -1,4 +1,4 @@
-"""``treadle serve | demo | models`` — the one entry point. ``--help`` imports no torch:
+"""``treadle serve | demo | models | keys`` — the one entry point. ``--help`` imports no torch:
 commands import what they need when they run."""
 
 from __future__ import annotations
@@ -161,6 +161,8 @@ def serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = settings_of(args)
+    if _refuses_to_open(settings):
+        return 2
     try:
         # Check every model source first: a typo fails here with one line, not after
         # the server has started loading the others.
@@ -197,6 +199,57 @@ def serve_argv(settings: Settings) -> list[str]:
     return argv
 
 
+def _refuses_to_open(settings: Settings) -> bool:
+    from treadle.service.auth import open_to_network_without_keys
+    from treadle.service.store import Store
+
+    store = Store(settings.db_path)
+    try:
+        if not open_to_network_without_keys(settings.host, store):
+            return False
+    finally:
+        store.close()
+    print(
+        f"treadle serve: refusing to serve {settings.host} without API keys: anyone who can"
+        " reach it could use it. Create one first with `treadle keys create --user NAME"
+        f" --data-dir {settings.data_dir}`, or bind to 127.0.0.1",
+        file=sys.stderr,
+    )
+    return True
+
+
+def keys(args: argparse.Namespace) -> int:
+    """``treadle keys create | list | revoke``: the data dir's API keys."""
+    from treadle.service.auth import create_key, list_keys, revoke_key
+    from treadle.service.store import Store
+
+    store = Store(Settings(data_dir=args.data_dir).db_path)
+    try:
+        if args.action == "create":
+            try:
+                key = create_key(store, args.user)
+            except ValueError as exc:
+                print(f"treadle keys: {exc}", file=sys.stderr)
+                return 2
+            print(f"a key for {args.user} (shown once; only its hash is stored):")
+            print(key)
+            return 0
+        if args.action == "list":
+            for row in list_keys(store):
+                state = "revoked" if row.revoked_at is not None else "active"
+                print(f"{row.prefix}…\t{row.user}\t{state}")
+            return 0
+        revoked = revoke_key(store, args.key)
+        if not revoked:
+            print(f"treadle keys: no active key {args.key!r}", file=sys.stderr)
+            return 1
+        for row in revoked:
+            print(f"revoked {row.prefix}… of {row.user}")
+        return 0
+    finally:
+        store.close()
+
+
 def demo(args: argparse.Namespace) -> int:
     from treadle.demo import run_demo
 
@@ -222,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the server",
         description="Serve the Tinker API. Point the SDK at it with"
-        " TINKER_BASE_URL=http://HOST:PORT and TINKER_API_KEY=tml-<anything>.",
+        " TINKER_BASE_URL=http://HOST:PORT and TINKER_API_KEY=<a key from `treadle keys"
+        " create`>; with no keys at all, a server on 127.0.0.1 takes any tml- key.",
     )
     _add_server_args(p_serve)
     p_serve.set_defaults(func=serve)
@@ -237,6 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_models.add_argument("--data-dir", type=Path, default=default_data_dir())
     p_models.set_defaults(func=models)
+    p_keys = commands.add_parser(
+        "keys",
+        help="create, list or revoke API keys",
+        description="API keys of the server's users. As soon as one exists, every request"
+        " needs one; keys created or revoked here take effect on a running server within a"
+        " second.",
+    )
+    actions = p_keys.add_subparsers(dest="action", required=True)
+    p_create = actions.add_parser("create", help="print a new key for a user (its last line)")
+    p_create.add_argument("--user", required=True, help="the user the key acts as")
+    p_list = actions.add_parser("list", help="users and key prefixes (never whole keys)")
+    p_revoke = actions.add_parser("revoke", help="revoke a key, given whole or by its prefix")
+    p_revoke.add_argument("key", metavar="KEY_OR_PREFIX")
+    for sub in (p_create, p_list, p_revoke):
+        sub.add_argument("--data-dir", type=Path, default=default_data_dir())
+    p_keys.set_defaults(func=keys)
     return parser
 
 

@@ -7,12 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from treadle import __version__
 from treadle.errors import NotFound, UserInputError, message_of
 from treadle.server.routes import checkpoints, client, futures, sampling, sessions, training
+from treadle.service.auth import Unauthorized
 from treadle.service.service import LoadWorker, Service
 from treadle.settings import Settings
 
@@ -34,7 +35,9 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
         finally:
             await asyncio.to_thread(service.stop)
 
-    app = FastAPI(title="treadle", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="treadle", version=__version__, lifespan=lifespan, dependencies=[Depends(_caller)]
+    )
     for module in (client, sessions, training, sampling, checkpoints, futures):
         app.include_router(module.router)
 
@@ -49,3 +52,16 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
         return JSONResponse({"detail": message_of(exc)}, status_code=404)
 
     return app
+
+
+async def _caller(request: Request) -> None:
+    """Every route but ``healthz`` acts for the user whose key the request carries (the SDK
+    sends it as ``X-API-Key``); a missing, unknown or revoked key is a 401 saying how to
+    get one."""
+    if request.url.path.endswith("/healthz"):
+        return
+    service: Service = request.app.state.service
+    try:
+        request.state.user = service.auth.user_of(request.headers.get("x-api-key"))
+    except Unauthorized as exc:
+        raise HTTPException(401, detail=str(exc)) from None

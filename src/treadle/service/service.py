@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from treadle.service.auth import Auth
 from treadle.service.engine_loop import EngineLoop
 from treadle.service.futures import FutureStore
 from treadle.service.sampling import Sampling
@@ -31,6 +32,7 @@ class Service:
     training: Training
     sampling: Sampling
     models: dict[str, ServedModel]
+    auth: Auth
 
     @classmethod
     def start(
@@ -49,7 +51,8 @@ class Service:
             models[entry.name] = ServedModel(worker, engine_loop)
         sampling = Sampling(models, futures, settings)
         training = Training(models, futures, store, sampling, settings)
-        return cls(settings, store, futures, Sessions(store), training, sampling, models)
+        sessions = Sessions(store)
+        return cls(settings, store, futures, sessions, training, sampling, models, Auth(store))
 
     def stop(self) -> None:
         for served in self.models.values():

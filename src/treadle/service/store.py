@@ -1,7 +1,9 @@
-"""What must survive a restart: sessions and training runs, in SQLite in the data dir.
+"""What must survive a restart: API keys, sessions, training runs and checkpoints, in
+SQLite in the data dir.
 
-Only metadata lives here (a row per session and per training run, written when they are
-created, finished or used); futures and tensors never touch the database.
+Only metadata lives here (a row per key, session, training run and checkpoint, written
+when they are created, finished or used); futures and tensors never touch the database.
+Keys are stored as SHA-256 hashes only.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ CREATE TABLE IF NOT EXISTS training_runs (
     user_metadata TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
     last_request_time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_hash TEXT PRIMARY KEY,
+    prefix TEXT NOT NULL,
+    user TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     tinker_path TEXT PRIMARY KEY,
@@ -160,6 +169,41 @@ class Store:
         rows = self._execute("SELECT * FROM training_runs ORDER BY created_at")
         return [_run_row(row) for row in rows]
 
+    def add_key(self, key_hash: str, prefix: str, user: str) -> None:
+        self._execute(
+            "INSERT INTO api_keys VALUES (?, ?, ?, ?, NULL)", (key_hash, prefix, user, time.time())
+        )
+
+    def keys(self) -> list[KeyRow]:
+        rows = self._execute(
+            "SELECT prefix, user, created_at, revoked_at FROM api_keys ORDER BY created_at"
+        )
+        return [KeyRow(*row) for row in rows]
+
+    def user_of_key(self, key_hash: str) -> str | None:
+        """The user of an active (unrevoked) key."""
+        rows = self._execute(
+            "SELECT user FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,)
+        )
+        return str(rows[0][0]) if rows else None
+
+    def has_active_keys(self) -> bool:
+        return bool(self._execute("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1"))
+
+    def revoke_keys(self, key_hash: str, prefix: str) -> list[KeyRow]:
+        """Revoke the active key with this hash or this listed prefix; returns what was
+        revoked."""
+        where = "revoked_at IS NULL AND (key_hash = ? OR prefix = ?)"
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT prefix, user, created_at, revoked_at FROM api_keys WHERE {where}",
+                (key_hash, prefix),
+            ).fetchall()
+            self._db.execute(
+                f"UPDATE api_keys SET revoked_at = ? WHERE {where}", (time.time(), key_hash, prefix)
+            )
+        return [KeyRow(*row) for row in rows]
+
     def add_checkpoint(self, row: CheckpointRow) -> None:
         self._execute(
             "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
@@ -191,6 +235,14 @@ class CheckpointRow:
     name: str
     created_at: float
     size_bytes: int
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    prefix: str  # the key's first characters, enough to name it in `treadle keys`
+    user: str
+    created_at: float
+    revoked_at: float | None
 
 
 def _run_row(row: sqlite3.Row | tuple[Any, ...]) -> TrainingRunRow:
