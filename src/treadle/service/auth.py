@@ -19,6 +19,7 @@ import secrets
 import threading
 import time
 
+from treadle.errors import NotFound
 from treadle.service.store import KeyRow, Store
 
 LOCAL_USER = "local"
@@ -32,6 +33,14 @@ HOW_TO_GET_A_KEY = (
     "ask the server's operator for a key (`treadle keys create --user NAME` on the server)"
     " and set TINKER_API_KEY to it"
 )
+
+
+def owned(owner: str | None, user: str, what: str) -> None:
+    """The one ownership check: anything ``user`` does not own (``owner`` None: it does
+    not exist) is "not found", so another user's ids reveal nothing, not even that they
+    exist."""
+    if owner != user:
+        raise NotFound(what)
 
 
 class Unauthorized(Exception):

@@ -11,7 +11,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from treadle.errors import UserInputError
+from treadle.errors import NotFound, UserInputError
+from treadle.service.auth import owned
+from treadle.service.store import Store
 
 PREFIX = "tinker://"
 KINDS = ("weights", "sampler_weights")
@@ -51,3 +53,17 @@ def check_name(name: str) -> str:
             " (starting with a letter or digit)"
         )
     return name
+
+
+def readable_checkpoint(store: Store, data_dir: Path, user: str, tinker_path: str) -> Path:
+    """The folder of a checkpoint ``user`` may read: one of their own runs', or one its
+    owner published. Anything else is "not found", as if it did not exist."""
+    path = CheckpointPath.parse(tinker_path)
+    missing = f"no checkpoint at {tinker_path}"
+    row = store.checkpoint(path.tinker_path)
+    if row is None:
+        raise NotFound(missing)
+    if not row.public:
+        run = store.training_run(row.model_id)
+        owned(run.user if run else None, user, missing)
+    return path.folder(data_dir)

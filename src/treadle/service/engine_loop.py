@@ -82,10 +82,12 @@ class EngineLoop:
             self._lock.notify_all()
         self._thread.join(timeout=60)
 
-    def submit(self, model_id: str, seq_id: int | None, make: Callable[[str], Queued]) -> str:
-        """Queue a request of ``model_id`` in its ``seq_id`` turn (``None``: no ordering,
-        run when the loop is free). Returns the request id; a repeated ``seq_id`` returns
-        the first submit's."""
+    def submit(
+        self, user: str, model_id: str, seq_id: int | None, make: Callable[[str], Queued]
+    ) -> str:
+        """Queue ``user``'s request of ``model_id`` in its ``seq_id`` turn (``None``: no
+        ordering, run when the loop is free). Returns the request id; a repeated
+        ``seq_id`` returns the first submit's."""
 
         def checked(request_id: str) -> Queued:
             # A request whose checks break must still take its turn, or every later
@@ -97,16 +99,16 @@ class EngineLoop:
 
         with self._lock:
             request_id, released = self._ordering.submit(
-                model_id, seq_id, self._futures.create, checked
+                model_id, seq_id, lambda: self._futures.create(user), checked
             )
             if released:
                 self._ready[model_id].extend(released)
                 self._lock.notify()
             return request_id
 
-    def call(self, model_id: str, fn: Callable[[], Any]) -> str:
+    def call(self, user: str, model_id: str, fn: Callable[[], Any]) -> str:
         """Run ``fn`` on the loop thread outside any model's ordering."""
-        return self.submit(model_id, None, lambda request_id: Solo(request_id, fn))
+        return self.submit(user, model_id, None, lambda request_id: Solo(request_id, fn))
 
     def sample(self, start: Callable[[], None]) -> None:
         """Run ``start`` (which hands a sampling request to the worker) on the loop thread

@@ -10,15 +10,15 @@ transport error.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass
 class _Entry:
+    user: str  # whose request it is; only they can poll it
     done: asyncio.Event = field(default_factory=asyncio.Event)
     value: Any = None
     finished_at: float | None = None
@@ -35,16 +35,15 @@ class FutureStore:
         self._loop = loop
         self._retention = retention
         self._entries: dict[str, _Entry] = {}
-        self._prefix = uuid.uuid4().hex[:8]
-        self._counter = itertools.count(1)
         self._pruned_at = time.monotonic()
 
-    def create(self) -> str:
+    def create(self, user: str) -> str:
+        """A new request of ``user``'s; its id is 128 random bits."""
         now = time.monotonic()
         if now - self._pruned_at > 60:
             self._prune(now)
-        request_id = f"req-{self._prefix}-{next(self._counter)}"
-        self._entries[request_id] = _Entry()
+        request_id = f"req-{secrets.token_hex(16)}"
+        self._entries[request_id] = _Entry(user)
         return request_id
 
     def resolve(self, request_id: str, value: Any) -> None:
@@ -60,10 +59,11 @@ class FutureStore:
         entry.finished_at = time.monotonic()
         entry.done.set()
 
-    async def wait(self, request_id: str, timeout: float) -> tuple[bool, Any]:
-        """``(True, result)`` once done, or ``(False, None)`` after ``timeout`` seconds."""
+    async def wait(self, request_id: str, user: str, timeout: float) -> tuple[bool, Any]:
+        """``(True, result)`` once done, or ``(False, None)`` after ``timeout`` seconds.
+        Another user's request is as unknown as one that never existed."""
         entry = self._entries.get(request_id)
-        if entry is None:
+        if entry is None or entry.user != user:
             raise UnknownFuture(request_id)
         try:
             await asyncio.wait_for(entry.done.wait(), timeout)

@@ -18,9 +18,12 @@ import numpy as np
 from treadle.engine.adapter_config import read_spec
 from treadle.errors import NotFound, UserInputError, failure_of
 from treadle.sampling_params import SampleLimits, SamplingParams, check_sample
-from treadle.service.checkpoints import CheckpointPath
+from treadle.service.auth import owned
+from treadle.service.checkpoints import readable_checkpoint
 from treadle.service.futures import FutureStore
 from treadle.service.served import Adapter, ServedModel, find_model
+from treadle.service.sessions import Sessions
+from treadle.service.store import Store
 from treadle.settings import Settings
 from treadle.types import ModelInfo, SampleResult
 
@@ -28,6 +31,7 @@ from treadle.types import ModelInfo, SampleResult
 @dataclass
 class SamplingSession:
     sampling_session_id: str
+    user: str
     base_model: str
     adapter: Adapter | None  # the engine's frozen adapter; None samples the base model
     model_path: str | None
@@ -57,10 +61,17 @@ def sampler_id(session_id: str, sampling_session_seq_id: int) -> str:
 
 class Sampling:
     def __init__(
-        self, models: Mapping[str, ServedModel], futures: FutureStore, settings: Settings
+        self,
+        models: Mapping[str, ServedModel],
+        futures: FutureStore,
+        store: Store,
+        sessions: Sessions,
+        settings: Settings,
     ) -> None:
         self._models = models
         self._futures = futures
+        self._store = store
+        self._client_sessions = sessions
         self._data_dir = settings.data_dir
         self._ephemeral_per_model = settings.ephemeral_samplers_per_model
         self._limits = SampleLimits(settings.max_num_samples, settings.max_topk_prompt_logprobs)
@@ -85,42 +96,49 @@ class Sampling:
         self._snapshots.pop(tinker_path, None)
 
     def add_ephemeral(
-        self, sampling_session_id: str, base_model: str, model_id: str, adapter: Adapter
+        self,
+        user: str,
+        sampling_session_id: str,
+        base_model: str,
+        model_id: str,
+        adapter: Adapter,
     ) -> None:
         recent = self._ephemeral[model_id]
         recent.append(sampling_session_id)
         while len(recent) > self._ephemeral_per_model:
             self._sessions.pop(recent.popleft(), None)
         self._sessions[sampling_session_id] = SamplingSession(
-            sampling_session_id, base_model, adapter, None
+            sampling_session_id, user, base_model, adapter, None
         )
 
     def create_session(
         self,
+        user: str,
         session_id: str,
         sampling_session_seq_id: int,
         base_model: str | None,
         model_path: str | None,
     ) -> str:
-        """A sampling session of a client session; returns its id (the same on a retry)."""
+        """A sampling session of one of ``user``'s client sessions; returns its id (the
+        same on a retry)."""
+        self._client_sessions.check(session_id, user)
         sampling_session_id = sampler_id(session_id, sampling_session_seq_id)
         if sampling_session_id in self._sessions:
             return sampling_session_id
         if model_path:
-            session = self._from_path(sampling_session_id, base_model, model_path)
+            session = self._from_path(user, sampling_session_id, base_model, model_path)
         elif base_model:
             self.model(base_model)
-            session = SamplingSession(sampling_session_id, base_model, None, None)
+            session = SamplingSession(sampling_session_id, user, base_model, None, None)
         else:
             raise UserInputError("create_sampling_session needs a base_model or a model_path")
         self._sessions[sampling_session_id] = session
         return sampling_session_id
 
     def _from_path(
-        self, sampling_session_id: str, base_model: str | None, model_path: str
+        self, user: str, sampling_session_id: str, base_model: str | None, model_path: str
     ) -> SamplingSession:
-        path = CheckpointPath.parse(model_path)
-        folder = path.folder(self._data_dir)
+        folder = readable_checkpoint(self._store, self._data_dir, user, model_path)
         if not folder.is_dir():
             raise NotFound(f"no checkpoint at {model_path}")
         _, trained_on = read_spec(folder)
@@ -135,29 +153,32 @@ class Sampling:
         adapter = self._snapshots.get(model_path)
         if adapter is None:
             adapter = served.worker.load_adapter(folder)
-        return SamplingSession(sampling_session_id, trained_on, adapter, model_path)
+        return SamplingSession(sampling_session_id, user, trained_on, adapter, model_path)
 
-    def session(self, sampling_session_id: str) -> SamplingSession:
+    def session(self, user: str, sampling_session_id: str) -> SamplingSession:
+        """One of ``user``'s sampling sessions; not found for anyone else's."""
         session = self._sessions.get(sampling_session_id)
-        if session is None:
-            raise NotFound(
-                f"unknown sampling session {sampling_session_id!r} (ephemeral samplers are"
-                f" kept for the last {self._ephemeral_per_model} saves of a model, and not"
-                " across restarts); create a sampling client again"
-            )
+        owned(
+            session.user if session else None,
+            user,
+            f"unknown sampling session {sampling_session_id!r} (ephemeral samplers are"
+            f" kept for the last {self._ephemeral_per_model} saves of a model, and not"
+            " across restarts); create a sampling client again",
+        )
+        assert session is not None
         return session
 
-    def info(self, sampling_session_id: str) -> ModelInfo:
-        return self.model(self.session(sampling_session_id).base_model).info
+    def info(self, user: str, sampling_session_id: str) -> ModelInfo:
+        return self.model(self.session(user, sampling_session_id).base_model).info
 
-    def sample(self, call: SampleCall) -> str:
+    def sample(self, user: str, call: SampleCall) -> str:
         """Queue a checked request; returns its request id (the same for a resubmit)."""
+        session = self.session(user, call.sampling_session_id)
         key = (call.sampling_session_id, call.seq_id)
         if key in self._seen:
             return self._seen[key]
-        session = self.session(call.sampling_session_id)
         served = self.model(session.base_model)
-        request_id = self._futures.create()
+        request_id = self._futures.create(user)
         self._seen[key] = request_id
         while len(self._seen) > self._seen_limit:
             self._seen.popitem(last=False)
@@ -184,6 +205,7 @@ class Sampling:
 
     def check(
         self,
+        user: str,
         sampling_session_id: str,
         seq_id: int,
         prompt: np.ndarray,
@@ -200,7 +222,7 @@ class Sampling:
         topk_prompt_logprobs: int,
     ) -> SampleCall:
         """An ``asample`` request in the engine's terms, checked against its model."""
-        info = self.info(sampling_session_id)
+        info = self.info(user, sampling_session_id)
         repetition, presence, frequency = penalties
         stop_tokens, stop_strings = _stops(stop, info.eos_token_ids)
         params = SamplingParams(

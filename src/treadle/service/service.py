@@ -49,9 +49,9 @@ class Service:
             engine_loop = EngineLoop(worker, futures, settings.retry_window)
             engine_loop.start()
             models[entry.name] = ServedModel(worker, engine_loop)
-        sampling = Sampling(models, futures, settings)
-        training = Training(models, futures, store, sampling, settings)
         sessions = Sessions(store)
+        sampling = Sampling(models, futures, store, sessions, settings)
+        training = Training(models, futures, store, sessions, sampling, settings)
         return cls(settings, store, futures, sessions, training, sampling, models, Auth(store))
 
     def stop(self) -> None:

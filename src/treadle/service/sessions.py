@@ -1,12 +1,14 @@
-"""Sessions: one per ``ServiceClient``. They group training runs and sampling sessions,
-keep heartbeats, and record how the client finished."""
+"""Sessions: one per ``ServiceClient``. They belong to the user whose key made them,
+group that user's training runs and sampling sessions, keep heartbeats, and record how
+the client finished."""
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
 from typing import Any
 
+from treadle.service.auth import owned
 from treadle.service.store import Store
 
 
@@ -15,33 +17,42 @@ class Sessions:
         self._store = store
         # Heartbeats arrive every 10 s per client: kept in memory, not written to disk.
         self._heartbeats: dict[str, float] = {}
+        self._owners: dict[str, str] = {}  # session id -> user, as the store has it
 
     def create(
         self,
+        user: str,
         sdk_version: str | None,
         tags: list[str],
         user_metadata: dict[str, Any],
         project_id: str | None,
         display_name: str | None,
     ) -> str:
-        session_id = f"sess-{uuid.uuid4().hex[:12]}"
+        # 128 random bits: ids that cross the wire are never guessable.
+        session_id = f"sess-{secrets.token_hex(16)}"
         self._store.add_session(
-            session_id, sdk_version, tags, user_metadata, project_id, display_name
+            session_id, sdk_version, tags, user_metadata, project_id, display_name, user
         )
+        self._owners[session_id] = user
         self._heartbeats[session_id] = time.monotonic()
         return session_id
 
-    def exists(self, session_id: str) -> bool:
-        return session_id in self._heartbeats or self._store.has_session(session_id)
+    def check(self, session_id: str, user: str) -> None:
+        """Not found unless ``user`` owns the session."""
+        owner = self._owners.get(session_id)
+        if owner is None:
+            owner = self._store.session_owner(session_id)
+            if owner is not None:
+                self._owners[session_id] = owner
+        owned(owner, user, f"unknown session {session_id!r}; call create_session first")
 
-    def heartbeat(self, session_id: str) -> bool:
-        if not self.exists(session_id):
-            return False
+    def heartbeat(self, session_id: str, user: str) -> None:
+        self.check(session_id, user)
         self._heartbeats[session_id] = time.monotonic()
-        return True
 
-    def finish(self, session_id: str, reason: str) -> bool:
-        return self._store.finish_session(session_id, reason)
+    def finish(self, session_id: str, user: str, reason: str) -> None:
+        self.check(session_id, user)
+        self._store.finish_session(session_id, reason)
 
-    def list(self, limit: int, offset: int) -> list[str]:
-        return self._store.list_sessions(limit, offset)
+    def list(self, user: str, limit: int, offset: int) -> list[str]:
+        return self._store.list_sessions(user, limit, offset)

@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     project_id TEXT,
     display_name TEXT,
     finished_at REAL,
-    finish_reason TEXT
+    finish_reason TEXT,
+    user TEXT NOT NULL DEFAULT 'local'
 );
 CREATE TABLE IF NOT EXISTS training_runs (
     model_id TEXT PRIMARY KEY,
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS training_runs (
     seed INTEGER,
     user_metadata TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
-    last_request_time REAL NOT NULL
+    last_request_time REAL NOT NULL,
+    user TEXT NOT NULL DEFAULT 'local'
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_hash TEXT PRIMARY KEY,
@@ -54,9 +56,17 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     kind TEXT NOT NULL,
     name TEXT NOT NULL,
     created_at REAL NOT NULL,
-    size_bytes INTEGER NOT NULL
+    size_bytes INTEGER NOT NULL,
+    public INTEGER NOT NULL DEFAULT 0
 );
 """
+# Columns added after a table's first release: (table, column, definition). A data dir
+# made before gets them with their defaults (everything it holds was the local user's).
+_ADDED_COLUMNS = [
+    ("sessions", "user", "TEXT NOT NULL DEFAULT 'local'"),
+    ("training_runs", "user", "TEXT NOT NULL DEFAULT 'local'"),
+    ("checkpoints", "public", "INTEGER NOT NULL DEFAULT 0"),
+]
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ class TrainingRunRow:
     user_metadata: dict[str, Any]
     created_at: float
     last_request_time: float
+    user: str
 
 
 class Store:
@@ -84,6 +95,10 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        for table, column, definition in _ADDED_COLUMNS:
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -101,10 +116,11 @@ class Store:
         user_metadata: dict[str, Any],
         project_id: str | None,
         display_name: str | None,
+        user: str,
     ) -> None:
         self._execute(
             "INSERT INTO sessions (session_id, created_at, sdk_version, tags, user_metadata,"
-            " project_id, display_name) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " project_id, display_name, user) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 session_id,
                 time.time(),
@@ -113,33 +129,35 @@ class Store:
                 json.dumps(user_metadata),
                 project_id,
                 display_name,
+                user,
             ),
         )
 
-    def has_session(self, session_id: str) -> bool:
-        return bool(self._execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)))
+    def session_owner(self, session_id: str) -> str | None:
+        rows = self._execute("SELECT user FROM sessions WHERE session_id = ?", (session_id,))
+        return str(rows[0][0]) if rows else None
 
-    def finish_session(self, session_id: str, reason: str) -> bool:
-        """Record the first finish reason; False if the session is unknown."""
-        if not self.has_session(session_id):
-            return False
+    def finish_session(self, session_id: str, reason: str) -> None:
+        """Record the first finish reason."""
         self._execute(
             "UPDATE sessions SET finished_at = ?, finish_reason = ?"
             " WHERE session_id = ? AND finished_at IS NULL",
             (time.time(), reason, session_id),
         )
-        return True
 
-    def list_sessions(self, limit: int, offset: int) -> list[str]:
+    def list_sessions(self, user: str, limit: int, offset: int) -> list[str]:
         rows = self._execute(
-            "SELECT session_id FROM sessions ORDER BY created_at DESC LIMIT ? OFFSET ?",
-            (limit, offset),
+            "SELECT session_id FROM sessions WHERE user = ?"
+            " ORDER BY created_at DESC LIMIT ? OFFSET ?",
+            (user, limit, offset),
         )
         return [row[0] for row in rows]
 
     def add_training_run(self, row: TrainingRunRow) -> None:
         self._execute(
-            "INSERT INTO training_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO training_runs (model_id, session_id, base_model, lora_rank, train_attn,"
+            " train_mlp, train_unembed, seed, user_metadata, created_at, last_request_time,"
+            " user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.model_id,
                 row.session_id,
@@ -152,6 +170,7 @@ class Store:
                 json.dumps(row.user_metadata),
                 row.created_at,
                 row.last_request_time,
+                row.user,
             ),
         )
 
@@ -162,11 +181,16 @@ class Store:
         )
 
     def training_run(self, model_id: str) -> TrainingRunRow | None:
-        rows = self._execute("SELECT * FROM training_runs WHERE model_id = ?", (model_id,))
+        rows = self._execute(
+            f"SELECT {_RUN_COLUMNS} FROM training_runs WHERE model_id = ?", (model_id,)
+        )
         return _run_row(rows[0]) if rows else None
 
-    def training_runs(self) -> list[TrainingRunRow]:
-        rows = self._execute("SELECT * FROM training_runs ORDER BY created_at")
+    def training_runs(self, user: str) -> list[TrainingRunRow]:
+        rows = self._execute(
+            f"SELECT {_RUN_COLUMNS} FROM training_runs WHERE user = ? ORDER BY created_at",
+            (user,),
+        )
         return [_run_row(row) for row in rows]
 
     def add_key(self, key_hash: str, prefix: str, user: str) -> None:
@@ -206,18 +230,46 @@ class Store:
 
     def add_checkpoint(self, row: CheckpointRow) -> None:
         self._execute(
-            "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
-            (row.tinker_path, row.model_id, row.kind, row.name, row.created_at, row.size_bytes),
+            "INSERT OR REPLACE INTO checkpoints (tinker_path, model_id, kind, name, created_at,"
+            " size_bytes, public) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.tinker_path,
+                row.model_id,
+                row.kind,
+                row.name,
+                row.created_at,
+                row.size_bytes,
+                row.public,
+            ),
         )
 
-    def checkpoints(self, model_id: str | None = None) -> list[CheckpointRow]:
-        if model_id is None:
-            rows = self._execute("SELECT * FROM checkpoints ORDER BY created_at")
-        else:
-            rows = self._execute(
-                "SELECT * FROM checkpoints WHERE model_id = ? ORDER BY created_at", (model_id,)
-            )
-        return [CheckpointRow(*row) for row in rows]
+    def checkpoint(self, tinker_path: str) -> CheckpointRow | None:
+        rows = self._execute(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE tinker_path = ?", (tinker_path,)
+        )
+        return _checkpoint_row(rows[0]) if rows else None
+
+    def checkpoints(self, model_id: str) -> list[CheckpointRow]:
+        rows = self._execute(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE model_id = ? ORDER BY created_at",
+            (model_id,),
+        )
+        return [_checkpoint_row(row) for row in rows]
+
+    def checkpoints_of(self, user: str) -> list[CheckpointRow]:
+        """Every checkpoint of ``user``'s training runs."""
+        columns = ", ".join(f"c.{c.strip()}" for c in _CHECKPOINT_COLUMNS.split(","))
+        rows = self._execute(
+            f"SELECT {columns} FROM checkpoints c JOIN training_runs r ON c.model_id = r.model_id"
+            " WHERE r.user = ? ORDER BY c.created_at",
+            (user,),
+        )
+        return [_checkpoint_row(row) for row in rows]
+
+    def set_public(self, tinker_path: str, public: bool) -> None:
+        self._execute(
+            "UPDATE checkpoints SET public = ? WHERE tinker_path = ?", (public, tinker_path)
+        )
 
     def delete_checkpoint(self, tinker_path: str) -> bool:
         found = bool(
@@ -235,6 +287,7 @@ class CheckpointRow:
     name: str
     created_at: float
     size_bytes: int
+    public: bool = False  # published: any user may read, load and sample it
 
 
 @dataclass(frozen=True)
@@ -243,6 +296,18 @@ class KeyRow:
     user: str
     created_at: float
     revoked_at: float | None
+
+
+_RUN_COLUMNS = (
+    "model_id, session_id, base_model, lora_rank, train_attn, train_mlp, train_unembed, seed,"
+    " user_metadata, created_at, last_request_time, user"
+)
+_CHECKPOINT_COLUMNS = "tinker_path, model_id, kind, name, created_at, size_bytes, public"
+
+
+def _checkpoint_row(row: sqlite3.Row | tuple[Any, ...]) -> CheckpointRow:
+    path, model_id, kind, name, created_at, size_bytes, public = row
+    return CheckpointRow(path, model_id, kind, name, created_at, size_bytes, bool(public))
 
 
 def _run_row(row: sqlite3.Row | tuple[Any, ...]) -> TrainingRunRow:
@@ -258,4 +323,5 @@ def _run_row(row: sqlite3.Row | tuple[Any, ...]) -> TrainingRunRow:
         user_metadata=json.loads(row[8]),
         created_at=row[9],
         last_request_time=row[10],
+        user=row[11],
     )

@@ -18,11 +18,13 @@ from typing import Any
 
 from treadle.engine.adapter_config import read_spec
 from treadle.errors import Failure, NotFound, UserInputError, failure_of
-from treadle.service.checkpoints import CheckpointPath, check_name
+from treadle.service.auth import owned
+from treadle.service.checkpoints import CheckpointPath, check_name, readable_checkpoint
 from treadle.service.engine_loop import Packable, Queued, Rejected, Solo
 from treadle.service.futures import FutureStore
 from treadle.service.sampling import Sampling, sampler_id
 from treadle.service.served import Adapter, ServedModel, TrainingModel, find_model
+from treadle.service.sessions import Sessions
 from treadle.service.store import CheckpointRow, Store, TrainingRunRow
 from treadle.settings import Settings
 from treadle.types import AdamParams, Datum, LoraSpec
@@ -34,10 +36,13 @@ class TrainingRun:
     session_id: str
     base_model: str
     spec: LoraSpec
+    user: str
+    # What created it (the create call and its parameters): a retried create must ask for
+    # the same; its answer is the first create's future.
+    origin: tuple[Any, ...] = ()
+    create_request_id: str = ""
     model: TrainingModel | None = None  # set on the engine loop by create_model
     created_at: float = field(default_factory=time.time)
-    # The request that creates it: a retried create answers with this future.
-    create_request_id: str = ""
 
     def built(self) -> TrainingModel:
         if self.model is None:
@@ -51,12 +56,14 @@ class Training:
         models: Mapping[str, ServedModel],
         futures: FutureStore,
         store: Store,
+        sessions: Sessions,
         sampling: Sampling,
         settings: Settings,
     ) -> None:
         self.models = models
         self._futures = futures
         self._store = store
+        self._sessions = sessions
         self._sampling = sampling
         self._data_dir = settings.data_dir
         self._max_rank = settings.max_lora_rank
@@ -65,21 +72,25 @@ class Training:
     def model(self, base_model: str) -> ServedModel:
         return find_model(self.models, base_model)
 
-    def run(self, model_id: str) -> TrainingRun:
+    def run(self, user: str, model_id: str) -> TrainingRun:
+        """``user``'s live training model; not found for anyone else's."""
+        unknown = f"unknown model_id {model_id!r}; create it with create_model first"
         run = self._runs.get(model_id)
         if run is not None:
+            owned(run.user, user, unknown)
             return run
-        if self._store.training_run(model_id) is not None:
-            raise NotFound(
-                f"model {model_id} was lost when the server restarted (adapters live in"
-                " memory until saved); create a new one, or load it from a checkpoint"
-            )
-        raise NotFound(f"unknown model_id {model_id!r}; create it with create_model first")
+        row = self._store.training_run(model_id)
+        owned(row.user if row else None, user, unknown)
+        raise NotFound(
+            f"model {model_id} was lost when the server restarted (adapters live in"
+            " memory until saved); create a new one, or load it from a checkpoint"
+        )
 
     # -- creating models --------------------------------------------------------------
 
     def create_model(
         self,
+        user: str,
         session_id: str,
         model_seq_id: int,
         base_model: str,
@@ -94,14 +105,17 @@ class Training:
         """Returns ``(request_id, model_id)``; the adapter is built on the engine loop.
         Bad input is a failed future, as for every create."""
 
+        flags = (train_attn, train_mlp, train_unembed)
+        origin = ("create_model", base_model, rank, seed, flags, optimizer)
+
         def start(model_id: str) -> tuple[TrainingRun, ServedModel, Callable[[], Any]]:
-            served = self._check_create(session_id, base_model, rank, optimizer)
-            if not (train_attn or train_mlp or train_unembed):
+            served = self._check_create(base_model, rank, optimizer)
+            if not any(flags):
                 raise UserInputError("set at least one of train_attn, train_mlp, train_unembed")
             spec = LoraSpec(
                 rank, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed
             )
-            run = TrainingRun(model_id, session_id, base_model, spec)
+            run = TrainingRun(model_id, session_id, base_model, spec, user, origin)
             self._record(run, seed, user_metadata)
 
             def build() -> dict[str, str]:
@@ -110,19 +124,20 @@ class Training:
 
             return run, served, build
 
-        return self._create(session_id, model_seq_id, start)
+        return self._create(user, session_id, model_seq_id, origin, start)
 
     def create_from_state(
-        self, session_id: str, model_seq_id: int, tinker_path: str, optimizer: bool
+        self, user: str, session_id: str, model_seq_id: int, tinker_path: str, optimizer: bool
     ) -> tuple[str, str]:
-        """``create_training_client_from_state``: a new model whose request 0 is this load."""
+        """``create_training_client_from_state``: a new model whose request 0 is this load
+        (of ``user``'s own checkpoint, or a published one)."""
+        origin = ("create_from_state", tinker_path, optimizer)
 
         def start(model_id: str) -> tuple[TrainingRun, ServedModel, Callable[[], Any]]:
-            self._check_session(session_id)
-            folder = self._checkpoint_folder(tinker_path)
+            folder = self._checkpoint_folder(user, tinker_path)
             spec, base_model = read_spec(folder)
             served = self.model(base_model or "")
-            run = TrainingRun(model_id, session_id, served.info.name, spec)
+            run = TrainingRun(model_id, session_id, served.info.name, spec, user, origin)
             self._record(run, None)
 
             def load() -> dict[str, str]:
@@ -131,22 +146,31 @@ class Training:
 
             return run, served, load
 
-        return self._create(session_id, model_seq_id, start)
+        return self._create(user, session_id, model_seq_id, origin, start)
 
     def _create(
         self,
+        user: str,
         session_id: str,
         model_seq_id: int,
+        origin: tuple[Any, ...],
         start: Callable[[str], tuple[TrainingRun, ServedModel, Callable[[], Any]]],
     ) -> tuple[str, str]:
-        """Make model ``session:train:seq`` with ``start``'s checks and first request. A
-        retried create of a live model answers with the first create's future; a refused
-        one changed nothing, so its retry is checked (and refused) again."""
+        """Make model ``session:train:seq`` in ``user``'s session with ``start``'s checks
+        and first request. A retried create of a live model answers with the first
+        create's future; a refused one changed nothing, so its retry is checked (and
+        refused) again. Bad input of either kind is a failed future."""
         model_id = f"{session_id}:train:{model_seq_id}"
-        live = self._runs.get(model_id)
-        if live is not None:
-            return live.create_request_id, model_id
         try:
+            self._sessions.check(session_id, user)
+            live = self._runs.get(model_id)
+            if live is not None:
+                if live.origin != origin:
+                    raise UserInputError(
+                        f"model {model_id} exists with other parameters; create a new model"
+                        " under another model_seq_id"
+                    )
+                return live.create_request_id, model_id
             if self._store.training_run(model_id) is not None:
                 raise UserInputError(
                     f"model {model_id} was created before and is gone (unloaded, or lost in a"
@@ -154,11 +178,11 @@ class Training:
                 )
             run, served, first = start(model_id)
         except (UserInputError, NotFound) as exc:
-            request_id = self._futures.create()
+            request_id = self._futures.create(user)
             self._futures.resolve(request_id, failure_of(exc))
             return request_id, model_id
         self._runs[model_id] = run
-        run.create_request_id = served.loop.call(model_id, first)
+        run.create_request_id = served.loop.call(user, model_id, first)
         served.loop.start_order(model_id, 1)
         return run.create_request_id, model_id
 
@@ -178,17 +202,11 @@ class Training:
                 user_metadata=user_metadata or {},
                 created_at=run.created_at,
                 last_request_time=run.created_at,
+                user=run.user,
             )
         )
 
-    def _check_session(self, session_id: str) -> None:
-        if not self._store.has_session(session_id):
-            raise UserInputError(f"unknown session {session_id!r}; call create_session first")
-
-    def _check_create(
-        self, session_id: str, base_model: str, rank: int, optimizer: str
-    ) -> ServedModel:
-        self._check_session(session_id)
+    def _check_create(self, base_model: str, rank: int, optimizer: str) -> ServedModel:
         served = self.model(base_model)
         if not 1 <= rank <= self._max_rank:
             raise UserInputError(f"LoRA rank must be between 1 and {self._max_rank}, got {rank}")
@@ -198,8 +216,8 @@ class Training:
             )
         return served
 
-    def get_info(self, model_id: str) -> dict[str, Any]:
-        run = self.run(model_id)
+    def get_info(self, user: str, model_id: str) -> dict[str, Any]:
+        run = self.run(user, model_id)
         info = self.models[run.base_model].info
         return {
             "type": "get_info",
@@ -220,6 +238,7 @@ class Training:
 
     def forward_backward(
         self,
+        user: str,
         model_id: str,
         seq_id: int | None,
         data: Sequence[Datum],
@@ -230,7 +249,7 @@ class Training:
     ) -> str:
         """Queue a forward(_backward); ``problem`` is a decoding error of its body, reported
         in the request's turn."""
-        run = self.run(model_id)
+        run = self.run(user, model_id)
         served = self.models[run.base_model]
         worker = served.worker
 
@@ -243,10 +262,11 @@ class Training:
                 return Rejected(request_id, failure_of(exc))
             return Packable(request_id, lambda: worker.work(run.built(), data, loss, forward_only))
 
-        return served.loop.submit(model_id, seq_id, make)
+        return served.loop.submit(user, model_id, seq_id, make)
 
     def optim_step(
         self,
+        user: str,
         model_id: str,
         seq_id: int | None,
         params: AdamParams,
@@ -254,7 +274,7 @@ class Training:
         problem: str | None = None,
     ) -> str:
         """Queue an AdamW step; ``problem`` is a decoding error, reported in its turn."""
-        run = self.run(model_id)
+        run = self.run(user, model_id)
         served = self.models[run.base_model]
 
         def step() -> dict[str, Any]:
@@ -271,13 +291,15 @@ class Training:
                 return Rejected(request_id, Failure(bad))
             return Solo(request_id, step)
 
-        request_id = served.loop.submit(model_id, seq_id, make)
+        request_id = served.loop.submit(user, model_id, seq_id, make)
         self._store.touch_training_run(model_id)
         return request_id
 
-    def save_state(self, model_id: str, seq_id: int | None, name: str, overwrite: bool) -> str:
+    def save_state(
+        self, user: str, model_id: str, seq_id: int | None, name: str, overwrite: bool
+    ) -> str:
         """``save_state``: adapter + AdamW state, to resume training later."""
-        run = self.run(model_id)
+        run = self.run(user, model_id)
         worker = self.models[run.base_model].worker
 
         def save() -> dict[str, str]:
@@ -290,11 +312,16 @@ class Training:
         return self._in_order(run, seq_id, save)
 
     def save_for_sampler(
-        self, model_id: str, seq_id: int | None, name: str | None, sampling_seq: int | None
+        self,
+        user: str,
+        model_id: str,
+        seq_id: int | None,
+        name: str | None,
+        sampling_seq: int | None,
     ) -> str:
         """Named: a PEFT checkpoint on disk (sampled from memory while the server runs).
         Unnamed: an ephemeral sampling session over a snapshot of the current weights."""
-        run = self.run(model_id)
+        run = self.run(user, model_id)
         worker = self.models[run.base_model].worker
 
         def save() -> dict[str, str]:
@@ -311,7 +338,7 @@ class Training:
                 return {"type": "save_weights_for_sampler", "path": path.tinker_path}
             assert sampling_seq is not None
             sampler = sampler_id(run.session_id, sampling_seq)
-            self._sampling.add_ephemeral(sampler, run.base_model, model_id, snapshot)
+            self._sampling.add_ephemeral(user, sampler, run.base_model, model_id, snapshot)
             return {"type": "save_weights_for_sampler", "sampling_session_id": sampler}
 
         return self._in_order(run, seq_id, save)
@@ -330,14 +357,14 @@ class Training:
         )
 
     def load_state(
-        self, model_id: str, seq_id: int | None, tinker_path: str, optimizer: bool
+        self, user: str, model_id: str, seq_id: int | None, tinker_path: str, optimizer: bool
     ) -> str:
         """``load_state``: replace an existing model's weights (and AdamW state)."""
-        run = self.run(model_id)
+        run = self.run(user, model_id)
         worker = self.models[run.base_model].worker
 
         def load() -> dict[str, str]:
-            folder = self._checkpoint_folder(tinker_path)
+            folder = self._checkpoint_folder(user, tinker_path)
             _, trained_on = read_spec(folder)
             if trained_on != run.base_model:
                 raise UserInputError(
@@ -356,32 +383,43 @@ class Training:
 
         return self._in_order(run, seq_id, load)
 
-    def _checkpoint_folder(self, tinker_path: str) -> Path:
-        path = CheckpointPath.parse(tinker_path)
-        folder = path.folder(self._data_dir)
+    def _checkpoint_folder(self, user: str, tinker_path: str) -> Path:
+        """The folder of a checkpoint ``user`` may read: their own, or a published one."""
+        folder = readable_checkpoint(self._store, self._data_dir, user, tinker_path)
         if not folder.is_dir():
             raise NotFound(f"no checkpoint at {tinker_path}")
         return folder
 
-    def delete_checkpoint(self, path: CheckpointPath) -> None:
+    def _own_checkpoint(self, user: str, path: CheckpointPath) -> CheckpointRow:
+        """A checkpoint ``user`` may change: only their own, published or not."""
+        row = self._store.checkpoint(path.tinker_path)
+        run = self._store.training_run(row.model_id) if row else None
+        owned(run.user if run else None, user, f"no checkpoint at {path.tinker_path}")
+        assert row is not None
+        return row
+
+    def delete_checkpoint(self, user: str, path: CheckpointPath) -> None:
+        self._own_checkpoint(user, path)
+        self._store.delete_checkpoint(path.tinker_path)
         folder = path.folder(self._data_dir)
-        found = self._store.delete_checkpoint(path.tinker_path)
         if folder.is_dir():
             shutil.rmtree(folder)
-            found = True
         self._sampling.forget_snapshot(path.tinker_path)
-        if not found:
-            raise NotFound(f"no checkpoint at {path.tinker_path}")
+
+    def publish(self, user: str, path: CheckpointPath, public: bool) -> None:
+        """Publish (any user may then read, load and sample it) or unpublish."""
+        self._own_checkpoint(user, path)
+        self._store.set_public(path.tinker_path, public)
 
     def _in_order(self, run: TrainingRun, seq_id: int | None, fn: Callable[[], Any]) -> str:
         """Queue ``fn`` in the model's seq_id order. Its checks run there too: a request
         the SDK numbered must take its turn even when it fails, or every later request of
         the model would wait for the gap."""
         loop = self.models[run.base_model].loop
-        return loop.submit(run.model_id, seq_id, lambda request_id: Solo(request_id, fn))
+        return loop.submit(run.user, run.model_id, seq_id, lambda request_id: Solo(request_id, fn))
 
-    def unload(self, model_id: str) -> str:
-        run = self.run(model_id)
+    def unload(self, user: str, model_id: str) -> str:
+        run = self.run(user, model_id)
         loop = self.models[run.base_model].loop
 
         def drop() -> dict[str, str]:
@@ -389,27 +427,37 @@ class Training:
             loop.forget(model_id)
             return {"model_id": model_id, "type": "unload_model"}
 
-        return loop.submit(model_id, None, lambda request_id: Solo(request_id, drop))
+        return loop.submit(user, model_id, None, lambda request_id: Solo(request_id, drop))
 
     # -- what the REST API lists --------------------------------------------------------
 
-    def runs_of(self, session_id: str) -> list[str]:
+    def runs_of(self, user: str, session_id: str) -> list[str]:
+        self._sessions.check(session_id, user)
         return [run.model_id for run in self._runs.values() if run.session_id == session_id]
 
-    def training_runs(self) -> list[TrainingRunRow]:
-        return self._store.training_runs()
+    def training_runs(self, user: str) -> list[TrainingRunRow]:
+        return self._store.training_runs(user)
 
-    def training_run(self, run_id: str) -> TrainingRunRow:
+    def training_run(self, user: str, run_id: str) -> TrainingRunRow:
         row = self._store.training_run(run_id)
-        if row is None:
-            raise NotFound(f"unknown training run {run_id!r}")
+        owned(row.user if row else None, user, f"unknown training run {run_id!r}")
+        assert row is not None
         return row
 
-    def checkpoints(self, run_id: str | None = None) -> list[CheckpointRow]:
-        """Checkpoints of one run (which must exist), or of every run."""
-        if run_id is not None:
-            self.training_run(run_id)
+    def checkpoints(self, user: str, run_id: str) -> list[CheckpointRow]:
+        """The checkpoints of one of ``user``'s runs."""
+        self.training_run(user, run_id)
         return self._store.checkpoints(run_id)
+
+    def all_checkpoints(self, user: str) -> list[CheckpointRow]:
+        return self._store.checkpoints_of(user)
+
+    def weights_info(self, user: str, tinker_path: str) -> TrainingRunRow:
+        """The run behind a checkpoint ``user`` may read (their own, or a published one)."""
+        readable_checkpoint(self._store, self._data_dir, user, tinker_path)
+        row = self._store.training_run(CheckpointPath.parse(tinker_path).model_id)
+        assert row is not None
+        return row
 
 
 def _check_adam(params: AdamParams) -> str | None:

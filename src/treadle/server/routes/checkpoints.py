@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict
 
-from treadle.server.deps import ServiceDep
+from treadle.server.deps import ServiceDep, UserDep
 from treadle.service.checkpoints import CheckpointPath
 from treadle.service.store import CheckpointRow, TrainingRunRow
 
@@ -28,7 +28,7 @@ def _checkpoint(row: CheckpointRow) -> dict[str, Any]:
         "time": _iso(row.created_at),
         "tinker_path": row.tinker_path,
         "size_bytes": row.size_bytes,
-        "public": False,
+        "public": row.public,
     }
 
 
@@ -36,7 +36,7 @@ def _run(row: TrainingRunRow, checkpoints: list[CheckpointRow]) -> dict[str, Any
     answer: dict[str, Any] = {
         "training_run_id": row.model_id,
         "base_model": row.base_model,
-        "model_owner": "local",
+        "model_owner": row.user,
         "is_lora": True,
         "lora_rank": row.lora_rank,
         "corrupted": False,
@@ -55,41 +55,64 @@ def _run(row: TrainingRunRow, checkpoints: list[CheckpointRow]) -> dict[str, Any
 
 @router.get("/training_runs")
 async def list_training_runs(
-    service: ServiceDep, limit: int = 20, offset: int = 0
+    service: ServiceDep, user: UserDep, limit: int = 20, offset: int = 0
 ) -> dict[str, Any]:
-    rows = service.training.training_runs()
+    rows = service.training.training_runs(user)
     page = rows[offset : offset + limit]
     return {
-        "training_runs": [_run(r, service.training.checkpoints(r.model_id)) for r in page],
+        "training_runs": [_run(r, service.training.checkpoints(user, r.model_id)) for r in page],
         "cursor": {"offset": offset, "limit": limit, "total_count": len(rows)},
     }
 
 
 @router.get("/training_runs/{run_id}")
-async def get_training_run(run_id: str, service: ServiceDep) -> dict[str, Any]:
-    return _run(service.training.training_run(run_id), service.training.checkpoints(run_id))
+async def get_training_run(run_id: str, service: ServiceDep, user: UserDep) -> dict[str, Any]:
+    row = service.training.training_run(user, run_id)
+    return _run(row, service.training.checkpoints(user, run_id))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
-async def list_checkpoints(run_id: str, service: ServiceDep) -> dict[str, Any]:
-    return {"checkpoints": [_checkpoint(c) for c in service.training.checkpoints(run_id)]}
+async def list_checkpoints(run_id: str, service: ServiceDep, user: UserDep) -> dict[str, Any]:
+    return {"checkpoints": [_checkpoint(c) for c in service.training.checkpoints(user, run_id)]}
 
 
 @router.get("/checkpoints")
 async def list_user_checkpoints(
-    service: ServiceDep, limit: int = 100, offset: int = 0
+    service: ServiceDep, user: UserDep, limit: int = 100, offset: int = 0
 ) -> dict[str, Any]:
-    rows = service.training.checkpoints()
+    rows = service.training.all_checkpoints(user)
     return {
         "checkpoints": [_checkpoint(c) for c in rows[offset : offset + limit]],
         "cursor": {"offset": offset, "limit": limit, "total_count": len(rows)},
     }
 
 
+def _path(run_id: str, kind: str, name: str) -> CheckpointPath:
+    return CheckpointPath.parse(f"tinker://{run_id}/{kind}/{name}")
+
+
 @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}", status_code=204)
-async def delete_checkpoint(run_id: str, kind: str, name: str, service: ServiceDep) -> Response:
-    path = CheckpointPath.parse(f"tinker://{run_id}/{kind}/{name}")
-    service.training.delete_checkpoint(path)
+async def delete_checkpoint(
+    run_id: str, kind: str, name: str, service: ServiceDep, user: UserDep
+) -> Response:
+    service.training.delete_checkpoint(user, _path(run_id, kind, name))
+    return Response(status_code=204)
+
+
+@router.post("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish", status_code=204)
+async def publish_checkpoint(
+    run_id: str, kind: str, name: str, service: ServiceDep, user: UserDep
+) -> Response:
+    """Any user may then read, load and sample it; only its owner changes or deletes it."""
+    service.training.publish(user, _path(run_id, kind, name), public=True)
+    return Response(status_code=204)
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish", status_code=204)
+async def unpublish_checkpoint(
+    run_id: str, kind: str, name: str, service: ServiceDep, user: UserDep
+) -> Response:
+    service.training.publish(user, _path(run_id, kind, name), public=False)
     return Response(status_code=204)
 
 
@@ -99,9 +122,10 @@ class WeightsInfoRequest(BaseModel):
 
 
 @router.post("/weights_info")
-async def weights_info(body: WeightsInfoRequest, service: ServiceDep) -> dict[str, Any]:
-    path = CheckpointPath.parse(body.tinker_path)
-    row = service.training.training_run(path.model_id)
+async def weights_info(
+    body: WeightsInfoRequest, service: ServiceDep, user: UserDep
+) -> dict[str, Any]:
+    row = service.training.weights_info(user, body.tinker_path)
     return {
         "base_model": row.base_model,
         "is_lora": True,

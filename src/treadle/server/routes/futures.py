@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from treadle.errors import Failure, NotFound
 from treadle.server import wire
-from treadle.server.deps import ServiceDep
+from treadle.server.deps import ServiceDep, UserDep
 from treadle.service.futures import UnknownFuture
 from treadle.types import ForwardBackwardResult, SampleResult
 
@@ -25,13 +25,13 @@ class RetrieveFutureRequest(BaseModel):
 
 @router.post("/retrieve_future")
 async def retrieve_future(
-    body: RetrieveFutureRequest, request: Request, service: ServiceDep
+    body: RetrieveFutureRequest, request: Request, service: ServiceDep, user: UserDep
 ) -> Response:
     # Hold the poll until the result exists: the SDK re-polls a try_again immediately,
     # so answering at once would make every waiting client spin.
     try:
         done, value = await service.futures.wait(
-            body.request_id, service.settings.long_poll_seconds
+            body.request_id, user, service.settings.long_poll_seconds
         )
     except UnknownFuture:
         raise NotFound(

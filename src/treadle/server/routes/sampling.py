@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
 from treadle.errors import UserInputError
-from treadle.server.deps import ServiceDep
+from treadle.server.deps import ServiceDep, UserDep
 
 router = APIRouter(prefix="/api/v1")
 
@@ -60,19 +60,17 @@ class SampleRequest(_Lenient):
 
 @router.post("/create_sampling_session")
 async def create_sampling_session(
-    body: CreateSamplingSessionRequest, service: ServiceDep
+    body: CreateSamplingSessionRequest, service: ServiceDep, user: UserDep
 ) -> dict[str, str]:
-    if not service.sessions.exists(body.session_id):
-        raise UserInputError(f"unknown session {body.session_id!r}; call create_session first")
     sampler_id = service.sampling.create_session(
-        body.session_id, body.sampling_session_seq_id, body.base_model, body.model_path
+        user, body.session_id, body.sampling_session_seq_id, body.base_model, body.model_path
     )
     return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 
 
 @router.get("/samplers/{sampler_id}")
-async def get_sampler(sampler_id: str, service: ServiceDep) -> dict[str, Any]:
-    session = service.sampling.session(sampler_id)
+async def get_sampler(sampler_id: str, service: ServiceDep, user: UserDep) -> dict[str, Any]:
+    session = service.sampling.session(user, sampler_id)
     answer: dict[str, Any] = {"sampler_id": sampler_id, "base_model": session.base_model}
     if session.model_path:
         answer["model_path"] = session.model_path
@@ -80,7 +78,7 @@ async def get_sampler(sampler_id: str, service: ServiceDep) -> dict[str, Any]:
 
 
 @router.post("/asample")
-async def asample(body: SampleRequest, service: ServiceDep) -> dict[str, Any]:
+async def asample(body: SampleRequest, service: ServiceDep, user: UserDep) -> dict[str, Any]:
     tokens: list[int] = []
     for chunk in body.prompt.chunks:
         if chunk.type != "encoded_text":
@@ -88,6 +86,7 @@ async def asample(body: SampleRequest, service: ServiceDep) -> dict[str, Any]:
         tokens += chunk.tokens
     params = body.sampling_params
     call = service.sampling.check(
+        user,
         body.sampling_session_id,
         body.seq_id,
         np.asarray(tokens, dtype=np.int64),
@@ -103,5 +102,5 @@ async def asample(body: SampleRequest, service: ServiceDep) -> dict[str, Any]:
         body.prompt_logprobs,
         body.topk_prompt_logprobs,
     )
-    request_id = service.sampling.sample(call)
+    request_id = service.sampling.sample(user, call)
     return {"request_id": request_id, "sample_sequence_ids": call.sequence_ids()}

@@ -7,8 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from treadle.errors import NotFound
-from treadle.server.deps import ServiceDep
+from treadle.server.deps import ServiceDep, UserDep
 
 router = APIRouter(prefix="/api/v1")
 
@@ -40,8 +39,11 @@ class FinishRequest(_Lenient):
 
 
 @router.post("/create_session")
-async def create_session(body: CreateSessionRequest, service: ServiceDep) -> dict[str, Any]:
+async def create_session(
+    body: CreateSessionRequest, service: ServiceDep, user: UserDep
+) -> dict[str, Any]:
     session_id = service.sessions.create(
+        user,
         body.sdk_version,
         body.tags or [],
         body.user_metadata or {},
@@ -52,26 +54,28 @@ async def create_session(body: CreateSessionRequest, service: ServiceDep) -> dic
 
 
 @router.post("/session_heartbeat")
-async def session_heartbeat(body: HeartbeatRequest, service: ServiceDep) -> dict[str, str]:
-    if not service.sessions.heartbeat(body.session_id):
-        raise NotFound(f"unknown session {body.session_id!r}")
+async def session_heartbeat(
+    body: HeartbeatRequest, service: ServiceDep, user: UserDep
+) -> dict[str, str]:
+    service.sessions.heartbeat(body.session_id, user)
     return {"type": "session_heartbeat"}
 
 
 @router.post("/sessions/{session_id}/finish", status_code=204)
-async def finish_session(session_id: str, body: FinishRequest, service: ServiceDep) -> Response:
-    if not service.sessions.finish(session_id, body.reason.type):
-        raise NotFound(f"unknown session {session_id!r}")
+async def finish_session(
+    session_id: str, body: FinishRequest, service: ServiceDep, user: UserDep
+) -> Response:
+    service.sessions.finish(session_id, user, body.reason.type)
     return Response(status_code=204)
 
 
 @router.get("/sessions")
-async def list_sessions(service: ServiceDep, limit: int = 20, offset: int = 0) -> dict[str, Any]:
-    return {"sessions": service.sessions.list(limit, offset)}
+async def list_sessions(
+    service: ServiceDep, user: UserDep, limit: int = 20, offset: int = 0
+) -> dict[str, Any]:
+    return {"sessions": service.sessions.list(user, limit, offset)}
 
 
 @router.get("/sessions/{session_id}")
-async def get_session(session_id: str, service: ServiceDep) -> dict[str, Any]:
-    if not service.sessions.exists(session_id):
-        raise NotFound(f"unknown session {session_id!r}")
-    return {"training_run_ids": service.training.runs_of(session_id), "sampler_ids": []}
+async def get_session(session_id: str, service: ServiceDep, user: UserDep) -> dict[str, Any]:
+    return {"training_run_ids": service.training.runs_of(user, session_id), "sampler_ids": []}

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from treadle.errors import UserInputError
 from treadle.server import wire
-from treadle.server.deps import ServiceDep
+from treadle.server.deps import ServiceDep, UserDep
 from treadle.types import AdamParams
 
 router = APIRouter(prefix="/api/v1")
@@ -65,9 +65,12 @@ def _future(request_id: str, model_id: str) -> dict[str, str]:
 
 
 @router.post("/create_model")
-async def create_model(body: CreateModelRequest, service: ServiceDep) -> dict[str, str]:
+async def create_model(
+    body: CreateModelRequest, service: ServiceDep, user: UserDep
+) -> dict[str, str]:
     lora = body.lora_config or LoraConfig()
     request_id, model_id = service.training.create_model(
+        user=user,
         session_id=body.session_id,
         model_seq_id=body.model_seq_id,
         base_model=body.base_model,
@@ -83,26 +86,26 @@ async def create_model(body: CreateModelRequest, service: ServiceDep) -> dict[st
 
 
 @router.post("/get_info")
-async def get_info(body: ModelRequest, service: ServiceDep) -> dict[str, Any]:
-    return service.training.get_info(body.model_id)
+async def get_info(body: ModelRequest, service: ServiceDep, user: UserDep) -> dict[str, Any]:
+    return service.training.get_info(user, body.model_id)
 
 
 @router.post("/forward_backward")
-async def forward_backward(request: Request, service: ServiceDep) -> dict[str, str]:
+async def forward_backward(request: Request, service: ServiceDep, user: UserDep) -> dict[str, str]:
     body = await request.body()
     if wire.PROTOBUF in request.headers.get("content-type", ""):
         call = wire.decode_forward_backward_proto(body, request.headers.get("content-encoding"))
     else:
         call = wire.decode_forward_backward_json(_json(body), "forward_backward_input")
-    return _submit(call, service)
+    return _submit(call, service, user)
 
 
 @router.post("/forward")
-async def forward(request: Request, service: ServiceDep) -> dict[str, str]:
+async def forward(request: Request, service: ServiceDep, user: UserDep) -> dict[str, str]:
     """``TrainingClient.forward`` of SDKs up to 0.24 (JSON); newer ones use
     ``forward_backward`` with ``forward_only``."""
     call = wire.decode_forward_backward_json(_json(await request.body()), "forward_input")
-    return _submit(call, service)
+    return _submit(call, service, user)
 
 
 def _json(body: bytes) -> dict[str, Any]:
@@ -115,8 +118,9 @@ def _json(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-def _submit(call: wire.ForwardBackwardCall, service: ServiceDep) -> dict[str, str]:
+def _submit(call: wire.ForwardBackwardCall, service: ServiceDep, user: str) -> dict[str, str]:
     request_id = service.training.forward_backward(
+        user,
         call.model_id,
         call.seq_id,
         call.data,
@@ -129,7 +133,7 @@ def _submit(call: wire.ForwardBackwardCall, service: ServiceDep) -> dict[str, st
 
 
 @router.post("/optim_step")
-async def optim_step(body: OptimStepRequest, service: ServiceDep) -> dict[str, str]:
+async def optim_step(body: OptimStepRequest, service: ServiceDep, user: UserDep) -> dict[str, str]:
     params = dict(body.adam_params or body.optim_params or body.optimizer_params or {})
     family = str(params.pop("type", "adamw"))
     problem = None
@@ -137,13 +141,15 @@ async def optim_step(body: OptimStepRequest, service: ServiceDep) -> dict[str, s
         adam = AdamParams(**{k: float(v) for k, v in params.items() if k in _ADAM_FIELDS})
     except ValueError as exc:
         adam, problem = AdamParams(), f"AdamParams must be numbers: {exc}"
-    request_id = service.training.optim_step(body.model_id, body.seq_id, adam, family, problem)
+    request_id = service.training.optim_step(
+        user, body.model_id, body.seq_id, adam, family, problem
+    )
     return _future(request_id, body.model_id)
 
 
 @router.post("/unload_model")
-async def unload_model(body: ModelRequest, service: ServiceDep) -> dict[str, str]:
-    return _future(service.training.unload(body.model_id), body.model_id)
+async def unload_model(body: ModelRequest, service: ServiceDep, user: UserDep) -> dict[str, str]:
+    return _future(service.training.unload(user, body.model_id), body.model_id)
 
 
 class SaveWeightsRequest(_Lenient):
@@ -172,31 +178,37 @@ class LoadWeightsRequest(_Lenient):
 
 
 @router.post("/save_weights")
-async def save_weights(body: SaveWeightsRequest, service: ServiceDep) -> dict[str, str]:
-    request_id = service.training.save_state(body.model_id, body.seq_id, body.path, body.overwrite)
+async def save_weights(
+    body: SaveWeightsRequest, service: ServiceDep, user: UserDep
+) -> dict[str, str]:
+    request_id = service.training.save_state(
+        user, body.model_id, body.seq_id, body.path, body.overwrite
+    )
     return _future(request_id, body.model_id)
 
 
 @router.post("/save_weights_for_sampler")
 async def save_weights_for_sampler(
-    body: SaveForSamplerRequest, service: ServiceDep
+    body: SaveForSamplerRequest, service: ServiceDep, user: UserDep
 ) -> dict[str, str]:
     request_id = service.training.save_for_sampler(
-        body.model_id, body.seq_id, body.path, body.sampling_session_seq_id
+        user, body.model_id, body.seq_id, body.path, body.sampling_session_seq_id
     )
     return _future(request_id, body.model_id)
 
 
 @router.post("/load_weights")
-async def load_weights(body: LoadWeightsRequest, service: ServiceDep) -> dict[str, str]:
+async def load_weights(
+    body: LoadWeightsRequest, service: ServiceDep, user: UserDep
+) -> dict[str, str]:
     if body.model_id is not None:
         request_id = service.training.load_state(
-            body.model_id, body.seq_id, body.path, body.optimizer
+            user, body.model_id, body.seq_id, body.path, body.optimizer
         )
         return _future(request_id, body.model_id)
     if body.session_id is None or body.model_seq_id is None:
         raise UserInputError("load_weights needs a model_id, or a session_id and model_seq_id")
     request_id, model_id = service.training.create_from_state(
-        body.session_id, body.model_seq_id, body.path, body.optimizer
+        user, body.session_id, body.model_seq_id, body.path, body.optimizer
     )
     return _future(request_id, model_id)
