@@ -189,7 +189,7 @@ def test_a_published_checkpoint_is_readable_by_all_and_changed_by_its_owner_only
     assert copy.forward([DATUM], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
         alice.loss(), rel=1e-5
     )
-    sampler = bob.create_sampling_client(model_path=alice.weights)
+    sampler = bob.create_sampling_client(model_path=alice.weights).result()
     out = sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2))
     assert len(out.result().sequences[0].tokens) >= 1
     with pytest.raises(tinker.NotFoundError):
