@@ -64,6 +64,26 @@ _LIMITS: list[tuple[str, str, type, str]] = [
         " retried submit runs once",
     ),
     (
+        "--session-timeout-seconds",
+        "session_timeout_seconds",
+        float,
+        "a session without heartbeats for this long ends; its models and samplers are unloaded",
+    ),
+    ("--max-models-per-user", "max_models_per_user", int, "live training models per user"),
+    ("--max-samplers-per-user", "max_samplers_per_user", int, "sampling sessions per user"),
+    (
+        "--max-queued-tokens-per-user",
+        "max_queued_tokens_per_user",
+        int,
+        "forward/backward tokens a user may have queued (not yet running)",
+    ),
+    (
+        "--max-checkpoint-bytes-per-user",
+        "max_checkpoint_bytes_per_user",
+        int,
+        "bytes of checkpoints a user may keep on disk",
+    ),
+    (
         "--long-poll-seconds",
         "long_poll_seconds",
         float,

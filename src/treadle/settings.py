@@ -72,6 +72,15 @@ class Settings:
     # Retried submits are answered with the first submit's future: per model, this many
     # recent seq_ids (and this many recent sample submits overall) are remembered.
     retry_window: int = 4096
+    # A session whose client sent no heartbeat for this long (the SDK sends one every 10 s)
+    # ends, as if it had finished: its models and samplers are unloaded.
+    session_timeout_seconds: float = 300.0
+    # Per user; each keeps a 24 GB machine alive with several users at once (a rank-32
+    # SmolLM2 adapter with its AdamW state is ~60 MB; queued tokens are held in memory).
+    max_models_per_user: int = 32
+    max_samplers_per_user: int = 64
+    max_queued_tokens_per_user: int = 1 << 20
+    max_checkpoint_bytes_per_user: int = 20 << 30
     # retrieve_future holds a poll this long before answering try_again (SDK timeout: 45 s).
     long_poll_seconds: float = 25.0
     # Finished results are kept this long: the SDK may poll again after a transport error.

@@ -58,12 +58,19 @@ def rl_loop(
     stop: list[int] | None = None,
     temperature: float = 1.0,
     on_step: Callable[[int, float], None] | None = None,
+    seed: int | None = None,
 ) -> list[float]:
     """Run ``steps`` on-policy steps over all ``prompts``; returns the mean reward of each
-    step's samples (taken before that step's update)."""
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=stop)
+    step's samples (taken before that step's update). A ``seed`` makes the draws, and so
+    the whole run, reproducible."""
     history = []
     for step in range(steps):
+        params = types.SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=stop,
+            seed=None if seed is None else seed + step,
+        )
         sampler = training_client.save_weights_and_get_sampling_client().result()
         futures = [
             sampler.sample(types.ModelInput.from_ints(p), group_size, params) for p in prompts

@@ -22,6 +22,7 @@ re-executes itself once with them set.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import sys
@@ -54,6 +55,14 @@ def _usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by unloaded adapters back to the OS. The allocator settings above
+    keep freed memory for the next step's activations; after models are unloaded that
+    would hold their memory forever, so glibc is asked once to trim."""
+    if platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def claim_compute_threads() -> None:

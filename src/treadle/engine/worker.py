@@ -20,7 +20,7 @@ from treadle.engine.checkpoint import load_adapter, load_optimizer_state, save_a
 from treadle.engine.datum import check_data, loss_spec, resolve_config
 from treadle.engine.lora import Adapter, new_adapter
 from treadle.engine.models import BaseLM, load_base_model
-from treadle.engine.process import claim_compute_threads
+from treadle.engine.process import claim_compute_threads, return_freed_memory
 from treadle.engine.sample import Done, Sampler, SampleRequest
 from treadle.engine.thin_matmul import set_thin_matmul
 from treadle.engine.train import (
@@ -65,6 +65,11 @@ class Worker:
     def claim_thread() -> None:
         """Give the calling (engine-loop) thread the compute cores."""
         claim_compute_threads()
+
+    @staticmethod
+    def release_memory() -> None:
+        """Return memory freed by dropped models and adapters to the OS."""
+        return_freed_memory()
 
     # -- training ---------------------------------------------------------------------
 

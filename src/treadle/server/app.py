@@ -30,9 +30,11 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
         service = await asyncio.to_thread(Service.start, settings, loop, load_worker)
         app.state.service = service
         log.info("treadle %s serving %s", __version__, ", ".join(e.name for e in settings.models))
+        reaper = asyncio.create_task(_end_expired_sessions(service))
         try:
             yield
         finally:
+            reaper.cancel()
             await asyncio.to_thread(service.stop)
 
     app = FastAPI(
@@ -52,6 +54,14 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
         return JSONResponse({"detail": message_of(exc)}, status_code=404)
 
     return app
+
+
+async def _end_expired_sessions(service: Service) -> None:
+    """Sessions whose client stopped sending heartbeats end, a few times per timeout."""
+    period = min(10.0, service.settings.session_timeout_seconds / 4)
+    while True:
+        await asyncio.sleep(period)
+        service.end_expired_sessions()
 
 
 async def _caller(request: Request) -> None:

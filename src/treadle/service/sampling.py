@@ -10,6 +10,7 @@ then decoded on the base model's engine loop together with every other running r
 from __future__ import annotations
 
 import collections
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -74,9 +75,14 @@ class Sampling:
         self._client_sessions = sessions
         self._data_dir = settings.data_dir
         self._ephemeral_per_model = settings.ephemeral_samplers_per_model
+        self._max_per_user = settings.max_samplers_per_user
         self._limits = SampleLimits(settings.max_num_samples, settings.max_topk_prompt_logprobs)
         self._sessions: dict[str, SamplingSession] = {}
-        self._snapshots: dict[str, Adapter] = {}  # tinker path -> adapter saved this run
+        # Named sampler checkpoints saved by live runs, sampled without reading disk.
+        self._snapshots: dict[str, Adapter] = {}  # tinker path -> adapter
+        # Every adapter loaded for a checkpoint path, while a sampling session uses it:
+        # sessions on one checkpoint share one copy.
+        self._loaded: weakref.WeakValueDictionary[str, Adapter] = weakref.WeakValueDictionary()
         self._ephemeral: dict[str, collections.deque[str]] = collections.defaultdict(
             collections.deque
         )
@@ -94,6 +100,21 @@ class Sampling:
 
     def forget_snapshot(self, tinker_path: str) -> None:
         self._snapshots.pop(tinker_path, None)
+
+    def forget_run(self, model_id: str) -> None:
+        """A training model was unloaded: its ephemeral samplers go, and its saved
+        sampler checkpoints are read from disk from now on."""
+        for sampler in self._ephemeral.pop(model_id, ()):
+            self._sessions.pop(sampler, None)
+        prefix = f"tinker://{model_id}/"
+        for path in [p for p in self._snapshots if p.startswith(prefix)]:
+            del self._snapshots[path]
+
+    def end_session(self, session_id: str) -> None:
+        """Drop every sampling session of a client session that ended."""
+        prefix = f"{session_id}:sample:"
+        for sampler in [s for s in self._sessions if s.startswith(prefix)]:
+            del self._sessions[sampler]
 
     def add_ephemeral(
         self,
@@ -121,10 +142,16 @@ class Sampling:
     ) -> str:
         """A sampling session of one of ``user``'s client sessions; returns its id (the
         same on a retry)."""
-        self._client_sessions.check(session_id, user)
+        self._client_sessions.check_live(session_id, user)
         sampling_session_id = sampler_id(session_id, sampling_session_seq_id)
         if sampling_session_id in self._sessions:
             return sampling_session_id
+        mine = sum(1 for s in self._sessions.values() if s.user == user)
+        if mine >= self._max_per_user:
+            raise UserInputError(
+                f"sampling sessions per user: the limit is {self._max_per_user} and you have"
+                f" {mine}; end a session (ServiceClient.close) to free some"
+            )
         if model_path:
             session = self._from_path(user, sampling_session_id, base_model, model_path)
         elif base_model:
@@ -150,9 +177,10 @@ class Sampling:
                 f" base model {trained_on}"
             )
         served = self.model(trained_on)
-        adapter = self._snapshots.get(model_path)
+        adapter = self._snapshots.get(model_path) or self._loaded.get(model_path)
         if adapter is None:
             adapter = served.worker.load_adapter(folder)
+            self._loaded[model_path] = adapter
         return SamplingSession(sampling_session_id, user, trained_on, adapter, model_path)
 
     def session(self, user: str, sampling_session_id: str) -> SamplingSession:

@@ -4,6 +4,7 @@ served base model."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from treadle.service.sessions import Sessions
 from treadle.service.store import Store
 from treadle.service.training import Training
 from treadle.settings import ModelEntry, Settings
+
+log = logging.getLogger(__name__)
 
 # Loads a served model into a worker (blocking); the engine's is
 # treadle.engine.worker.load_worker. Passed in, so this layer never imports torch.
@@ -58,6 +61,30 @@ class Service:
         for served in self.models.values():
             served.loop.stop()
         self.store.close()
+
+    def finish_session(self, user: str, session_id: str, reason: str) -> None:
+        """``ServiceClient.close``: the session ends and what it held is unloaded."""
+        self.sessions.check(session_id, user)
+        self.end_session(session_id, reason)
+
+    def end_session(self, session_id: str, reason: str) -> None:
+        self.sessions.finish(session_id, reason)
+        self.training.end_session(session_id)
+        self.sampling.end_session(session_id)
+        if self.models:  # one process, one allocator: any worker can trim it
+            next(iter(self.models.values())).worker.release_memory()
+
+    def end_expired_sessions(self) -> list[str]:
+        """End every session whose client went silent (no heartbeat for the timeout)."""
+        expired = self.sessions.expired(self.settings.session_timeout_seconds)
+        for session_id in expired:
+            log.info(
+                "session %s sent no heartbeat for %.0f s: ending it",
+                session_id,
+                self.settings.session_timeout_seconds,
+            )
+            self.end_session(session_id, "expired")
+        return expired
 
     def capabilities(self) -> list[dict[str, Any]]:
         return [

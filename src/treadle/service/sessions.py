@@ -8,8 +8,13 @@ import secrets
 import time
 from typing import Any
 
+from treadle.errors import UserInputError
 from treadle.service.auth import owned
 from treadle.service.store import Store
+
+
+class SessionEnded(Exception):
+    """A heartbeat for a session that finished or expired (the SDK stops on a 410)."""
 
 
 class Sessions:
@@ -46,13 +51,30 @@ class Sessions:
                 self._owners[session_id] = owner
         owned(owner, user, f"unknown session {session_id!r}; call create_session first")
 
+    def check_live(self, session_id: str, user: str) -> None:
+        """Like :meth:`check`, and the session must not have ended."""
+        self.check(session_id, user)
+        if session_id not in self._heartbeats:
+            raise UserInputError(
+                f"session {session_id} has ended (it finished, went without heartbeats too"
+                " long, or the server restarted); make a new ServiceClient"
+            )
+
     def heartbeat(self, session_id: str, user: str) -> None:
         self.check(session_id, user)
+        if session_id not in self._heartbeats:
+            raise SessionEnded(f"session {session_id} has finished")
         self._heartbeats[session_id] = time.monotonic()
 
-    def finish(self, session_id: str, user: str, reason: str) -> None:
-        self.check(session_id, user)
+    def finish(self, session_id: str, reason: str) -> None:
+        """Record how it ended; it takes no more heartbeats."""
+        self._heartbeats.pop(session_id, None)
         self._store.finish_session(session_id, reason)
+
+    def expired(self, timeout: float) -> list[str]:
+        """Live sessions whose client sent nothing for ``timeout`` seconds."""
+        horizon = time.monotonic() - timeout
+        return [s for s, seen in self._heartbeats.items() if seen < horizon]
 
     def list(self, user: str, limit: int, offset: int) -> list[str]:
         return self._store.list_sessions(user, limit, offset)

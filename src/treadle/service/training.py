@@ -10,6 +10,7 @@ request's turn, so a numbered request always takes its turn.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,12 @@ class TrainingRun:
     model: TrainingModel | None = None  # set on the engine loop by create_model
     created_at: float = field(default_factory=time.time)
 
+    ended: bool = False  # its session ended: unloaded
+    queued_tokens: int = 0  # of its forward/backward requests not yet running
+
     def built(self) -> TrainingModel:
+        if self.ended:
+            raise NotFound(f"model {self.model_id} was unloaded when its session ended")
         if self.model is None:
             raise UserInputError(f"model {self.model_id} failed to be created")
         return self.model
@@ -67,7 +73,9 @@ class Training:
         self._sampling = sampling
         self._data_dir = settings.data_dir
         self._max_rank = settings.max_lora_rank
+        self._settings = settings
         self._runs: dict[str, TrainingRun] = {}
+        self._tokens_lock = threading.Lock()
 
     def model(self, base_model: str) -> ServedModel:
         return find_model(self.models, base_model)
@@ -82,8 +90,9 @@ class Training:
         row = self._store.training_run(model_id)
         owned(row.user if row else None, user, unknown)
         raise NotFound(
-            f"model {model_id} was lost when the server restarted (adapters live in"
-            " memory until saved); create a new one, or load it from a checkpoint"
+            f"model {model_id} is no longer loaded (its session ended, it was unloaded, or"
+            " the server restarted; adapters live in memory until saved); create a new one,"
+            " or load it from a checkpoint"
         )
 
     # -- creating models --------------------------------------------------------------
@@ -162,7 +171,7 @@ class Training:
         refused) again. Bad input of either kind is a failed future."""
         model_id = f"{session_id}:train:{model_seq_id}"
         try:
-            self._sessions.check(session_id, user)
+            self._sessions.check_live(session_id, user)
             live = self._runs.get(model_id)
             if live is not None:
                 if live.origin != origin:
@@ -175,6 +184,13 @@ class Training:
                 raise UserInputError(
                     f"model {model_id} was created before and is gone (unloaded, or lost in a"
                     " restart); create a new one under another model_seq_id"
+                )
+            mine = sum(1 for r in self._runs.values() if r.user == user)
+            limit = self._settings.max_models_per_user
+            if mine >= limit:
+                raise UserInputError(
+                    f"live training models per user: the limit is {limit} and you have {mine};"
+                    " unload one (unload_model, or end its session) first"
                 )
             run, served, first = start(model_id)
         except (UserInputError, NotFound) as exc:
@@ -253,16 +269,39 @@ class Training:
         served = self.models[run.base_model]
         worker = served.worker
 
+        tokens = sum(datum.num_tokens for datum in data)
+
         def make(request_id: str) -> Queued:
             if problem is not None:
                 return Rejected(request_id, Failure(problem))
             try:
                 loss = worker.check_forward_backward(data, loss_fn, dict(loss_fn_config))
+                self._queue_tokens(run, tokens)
             except UserInputError as exc:
                 return Rejected(request_id, failure_of(exc))
-            return Packable(request_id, lambda: worker.work(run.built(), data, loss, forward_only))
+
+            def build() -> Any:
+                with self._tokens_lock:  # on the engine loop; counted on the event loop
+                    run.queued_tokens -= tokens  # running now
+                return worker.work(run.built(), data, loss, forward_only)
+
+            return Packable(request_id, build)
 
         return served.loop.submit(user, model_id, seq_id, make)
+
+    def _queue_tokens(self, run: TrainingRun, tokens: int) -> None:
+        """Count ``tokens`` as queued for ``run``'s user, within the user's limit (what
+        an unloaded model had queued no longer counts)."""
+        with self._tokens_lock:
+            queued = sum(r.queued_tokens for r in self._runs.values() if r.user == run.user)
+        limit = self._settings.max_queued_tokens_per_user
+        if queued + tokens > limit:
+            raise UserInputError(
+                f"queued training tokens per user: the limit is {limit}, you have {queued}"
+                f" queued and this request adds {tokens}; wait for results before sending more"
+            )
+        with self._tokens_lock:
+            run.queued_tokens += tokens
 
     def optim_step(
         self,
@@ -306,6 +345,7 @@ class Training:
             path = CheckpointPath(model_id, "weights", check_name(name))
             model = run.built()
             folder = self._writable(path, overwrite)
+            self._check_disk_quota(user)
             self._saved(run, path, worker.save_model(folder, model))
             return {"type": "save_weights", "path": path.tinker_path}
 
@@ -333,6 +373,7 @@ class Training:
             snapshot: Adapter = worker.snapshot(run.built())
             if path is not None:
                 folder = self._writable(path, overwrite=True)
+                self._check_disk_quota(user)
                 self._saved(run, path, worker.save_adapter(folder, snapshot))
                 self._sampling.remember_snapshot(path.tinker_path, snapshot)
                 return {"type": "save_weights_for_sampler", "path": path.tinker_path}
@@ -350,6 +391,15 @@ class Training:
                 f"{path.tinker_path} exists; save under another name or pass overwrite=True"
             )
         return folder
+
+    def _check_disk_quota(self, user: str) -> None:
+        used = sum(row.size_bytes for row in self._store.checkpoints_of(user))
+        limit = self._settings.max_checkpoint_bytes_per_user
+        if used >= limit:
+            raise UserInputError(
+                f"checkpoint bytes on disk per user: the limit is {limit} and your checkpoints"
+                f" take {used}; delete some first"
+            )
 
     def _saved(self, run: TrainingRun, path: CheckpointPath, size: int) -> None:
         self._store.add_checkpoint(
@@ -428,6 +478,15 @@ class Training:
             return {"model_id": model_id, "type": "unload_model"}
 
         return loop.submit(user, model_id, None, lambda request_id: Solo(request_id, drop))
+
+    def end_session(self, session_id: str) -> None:
+        """Unload every model of a session that ended; requests still queued for them
+        fail as unloaded."""
+        for run in [r for r in self._runs.values() if r.session_id == session_id]:
+            run.ended, run.model = True, None
+            del self._runs[run.model_id]
+            self.models[run.base_model].loop.forget(run.model_id)
+            self._sampling.forget_run(run.model_id)
 
     # -- what the REST API lists --------------------------------------------------------
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.server.deps import ServiceDep, UserDep
+from treadle.service.sessions import SessionEnded
 
 router = APIRouter(prefix="/api/v1")
 
@@ -57,7 +58,11 @@ async def create_session(
 async def session_heartbeat(
     body: HeartbeatRequest, service: ServiceDep, user: UserDep
 ) -> dict[str, str]:
-    service.sessions.heartbeat(body.session_id, user)
+    try:
+        service.sessions.heartbeat(body.session_id, user)
+    except SessionEnded as exc:
+        # The SDK stops heartbeating on a 410.
+        raise HTTPException(410, detail=str(exc)) from None
     return {"type": "session_heartbeat"}
 
 
@@ -65,7 +70,7 @@ async def session_heartbeat(
 async def finish_session(
     session_id: str, body: FinishRequest, service: ServiceDep, user: UserDep
 ) -> Response:
-    service.sessions.finish(session_id, user, body.reason.type)
+    service.finish_session(user, session_id, body.reason.type)
     return Response(status_code=204)
 
 
