@@ -29,6 +29,12 @@ _LIMITS: list[tuple[str, str, type, str]] = [
         int,
         "tokens per packed forward/backward pass; bounds activation memory",
     ),
+    (
+        "--cycle-tokens",
+        "cycle_tokens",
+        int,
+        "forward/backward tokens one training cycle takes, one request per user in turn",
+    ),
     ("--max-lora-rank", "max_lora_rank", int, "largest LoRA rank create_model accepts"),
     (
         "--sampler-max-batch",

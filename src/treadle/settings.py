@@ -59,6 +59,9 @@ class Settings:
     # Tokens per packed forward/backward pass. Bounds activation memory (about 3.5 GB per
     # 1,000 tokens for a 135M model in fp32); larger requests run as several passes.
     max_tokens_per_pass: int = 2048
+    # Tokens of forward/backward work one training cycle takes, shared fairly among the
+    # users with work queued; decoding runs between the cycle's passes.
+    cycle_tokens: int = 8192
     max_lora_rank: int = 256
     # Sequences decoded together, and prompt tokens prefilled in one pass (a longer
     # prompt still runs, alone).

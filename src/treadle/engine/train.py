@@ -11,7 +11,7 @@ own adapter (:mod:`treadle.engine.lora`). Gradients accumulate in the adapters u
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,15 +151,21 @@ class _Pass:
 
 
 def forward_backward(
-    base: BaseLM, works: Sequence[ForwardBackwardWork], max_tokens: int
+    base: BaseLM,
+    works: Sequence[ForwardBackwardWork],
+    max_tokens: int,
+    between_passes: Callable[[], None] | None = None,
 ) -> list[ForwardBackwardOutcome]:
     """Run every work item; gradients of the non-forward-only ones accumulate in their
-    adapters. Returns one outcome per work item, in order."""
+    adapters. Returns one outcome per work item, in order. ``between_passes`` runs after
+    every pass but the last (the engine loop decodes there, so sampling never waits for a
+    whole long cycle); it must leave the training models alone."""
     outcomes = [
         ForwardBackwardOutcome(logprobs=[np.empty(0, np.float32)] * len(w.data), loss=0.0)
         for w in works
     ]
     losses: list[list[Tensor]] = [[] for _ in works]
+    ran = False
     for forward_only in (True, False):
         items = [
             _Item(w, i, datum, work.model.adapter)
@@ -171,10 +177,13 @@ def forward_backward(
         order = {id(item.adapter): rank for rank, item in reversed(list(enumerate(items)))}
         items.sort(key=lambda item: order[id(item.adapter)])
         for one_pass in _packed_passes(items, max_tokens):
+            if between_passes is not None and ran:
+                between_passes()
             # Only a single datum longer than the budget makes a pass this large.
             long_pass = one_pass.tokens > max_tokens and not forward_only
             with torch.set_grad_enabled(not forward_only), base.checkpointed(long_pass):
                 _run_pass(base, works, one_pass, outcomes, losses, backward=not forward_only)
+            ran = True
     for w, work in enumerate(works):
         outcomes[w].loss = float(torch.stack(losses[w]).sum()) if losses[w] else 0.0
         if not work.forward_only:

@@ -10,7 +10,7 @@ way beyond one process.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +86,12 @@ class Worker:
     ) -> ForwardBackwardWork:
         return ForwardBackwardWork(model, data, loss.spec, loss.config, forward_only)
 
-    def forward_backward(self, works: list[ForwardBackwardWork]) -> list[ForwardBackwardOutcome]:
-        """One clock cycle: every request's data in shared packed passes."""
-        return forward_backward(self.base, works, self._max_tokens_per_pass)
+    def forward_backward(
+        self, works: list[ForwardBackwardWork], between_passes: Callable[[], None]
+    ) -> list[ForwardBackwardOutcome]:
+        """One clock cycle: every request's data in shared packed passes, with
+        ``between_passes`` run between them."""
+        return forward_backward(self.base, works, self._max_tokens_per_pass, between_passes)
 
     def new_model(self, spec: LoraSpec, seed: int | None) -> LoraModel:
         return LoraModel.create(new_adapter(spec, self.base.layers, seed))

@@ -1,11 +1,15 @@
 """The engine loop: one thread per base model that runs everything computed on it.
 
 It alternates one decode step of every running sample with one training *cycle*: the
-leading forward/backward requests of every model with work ready, packed into shared
+leading forward/backward requests of the models with work ready, packed into shared
 passes (Tinker's clock cycle), or else one request that runs alone (``optim_step``,
 saves, loads, …). Requests arrive through the model's :class:`~treadle.service.ordering.
-Ordering`, so a model's requests still execute strictly in ``seq_id`` order. Neither
-training nor decoding starves the other, and nothing computes on the event loop.
+Ordering`, so a model's requests still execute strictly in ``seq_id`` order.
+
+Sharing is fair: a cycle has a token budget, filled one request per user in turn (users
+not served yet first, then whoever was served longest ago), so a user with a huge queue
+delays another's small request by about one cycle at most. Decoding goes on inside a
+cycle too: one decode step runs between its passes. Nothing computes on the event loop.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Packable:
-    """A forward(/backward) that shares the cycle's packed passes. ``build`` makes its
-    engine work when the cycle runs: the model may still be being created when it is
-    queued."""
+    """A forward(/backward) of ``user``'s that shares the cycle's packed passes. ``build``
+    makes its engine work when the cycle runs: the model may still be being created when
+    it is queued. ``tokens`` counts against the cycle's budget."""
 
     request_id: str
     build: Callable[[], Any]
+    user: str = ""
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,9 @@ Queued = Packable | Solo | Rejected
 class EngineLoop:
     """Ordering of a base model's requests plus the thread that executes them."""
 
-    def __init__(self, worker: Worker, futures: FutureStore, retry_window: int) -> None:
+    def __init__(
+        self, worker: Worker, futures: FutureStore, retry_window: int, cycle_tokens: int
+    ) -> None:
         self.name = worker.info.name
         self._worker = worker
         self._futures = futures
@@ -70,6 +78,8 @@ class EngineLoop:
         )
         self._incoming: list[Callable[[], None]] = []  # samples to hand to the worker
         self._cycles = itertools.count(1)
+        self._cycle_tokens = cycle_tokens
+        self._turns: collections.deque[str] = collections.deque()  # users, next served first
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"loop:{self.name}", daemon=True)
 
@@ -126,12 +136,37 @@ class EngineLoop:
             self._ordering.forget(model_id)
 
     def _take_cycle(self) -> list[Queued]:
-        packable: list[Queued] = []
+        """The next cycle: leading forward/backward requests within the token budget, one
+        per user in turn (at least one, however large); else one request to run alone."""
+        queues: dict[str, list[collections.deque[Queued]]] = {}
         for queue in self._ready.values():
-            while queue and isinstance(queue[0], Packable):
-                packable.append(queue.popleft())
-        if packable:
-            return packable
+            if queue and isinstance(queue[0], Packable):
+                queues.setdefault(queue[0].user, []).append(queue)
+        for user in queues:
+            if user not in self._turns:
+                self._turns.appendleft(user)  # not served yet: first in line
+        cycle: list[Queued] = []
+        tokens, served = 0, []
+        taking = True
+        while taking:
+            taking = False
+            for user in [u for u in self._turns if u in queues]:
+                for queue in queues[user]:
+                    head = queue[0] if queue else None
+                    if not isinstance(head, Packable):
+                        continue
+                    if cycle and tokens + head.tokens > self._cycle_tokens:
+                        continue
+                    cycle.append(queue.popleft())
+                    tokens += head.tokens
+                    served.append(user)
+                    taking = True
+                    break
+        if cycle:
+            for user in dict.fromkeys(served):  # served users go to the back of the line
+                self._turns.remove(user)
+                self._turns.append(user)
+            return cycle
         for queue in self._ready.values():
             if queue:
                 return [queue.popleft()]
@@ -150,15 +185,22 @@ class EngineLoop:
                 incoming, self._incoming = self._incoming, []
                 for model_id in [m for m, q in self._ready.items() if not q]:
                     del self._ready[model_id]
-            for start in incoming:
-                start()
-            if self._worker.sampling():
-                try:
-                    self._worker.sample_step()
-                except Exception:
-                    log.exception("%s: sampling step failed", self.name)
+            self._decode_step(incoming)
             if cycle:
                 self._run(cycle)
+
+    def _decode_step(self, incoming: list[Callable[[], None]] | None = None) -> None:
+        """Hand new samples to the worker, then advance every running one by a token."""
+        if incoming is None:
+            with self._lock:
+                incoming, self._incoming = self._incoming, []
+        for start in incoming:
+            start()
+        if self._worker.sampling():
+            try:
+                self._worker.sample_step()
+            except Exception:
+                log.exception("%s: sampling step failed", self.name)
 
     def _run(self, cycle: list[Queued]) -> None:
         works: list[Any] = []
@@ -176,7 +218,7 @@ class EngineLoop:
         if works:
             cycle_id = next(self._cycles)
             try:
-                outcomes = self._worker.forward_backward(works)
+                outcomes = self._worker.forward_backward(works, self._decode_step)
             except Exception as exc:
                 self._fail([item.request_id for item in packed], exc)
             else:

@@ -285,7 +285,7 @@ class Training:
                     run.queued_tokens -= tokens  # running now
                 return worker.work(run.built(), data, loss, forward_only)
 
-            return Packable(request_id, build)
+            return Packable(request_id, build, user, tokens)
 
         return served.loop.submit(user, model_id, seq_id, make)
 

@@ -1,0 +1,163 @@
+"""Users sharing one base model: packed together with the same numbers as alone, a fair
+share of each training cycle, and decoding that goes on during long cycles."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+import tinker
+from tinker import types
+
+from tests.conftest import QWEN
+from tests.fixtures.server import Server
+from tests.sdk.test_keys import _new_key
+from tests.sdk.test_ordering import _fwdbwd_body
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_models):
+    data_dir = tmp_path_factory.mktemp("fairness") / "treadle"
+    data_dir.mkdir()
+    keys = {user: _new_key(data_dir, user) for user in ("alice", "bob")}
+    args = ["--max-tokens-per-pass", "16", "--cycle-tokens", "64", "--long-poll-seconds", "2"]
+    server = Server({QWEN: tiny_models[QWEN]}, data_dir, args)
+    yield server, keys
+    server.stop()
+
+
+def _data(seed: int, count: int, length: int = 15) -> list[types.Datum]:
+    data = []
+    for d in range(count):
+        tokens = [(seed * 31 + d * 7 + i * 13) % 250 + 1 for i in range(length + 1)]
+        data.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[1:]},
+            )
+        )
+    return data
+
+
+def _losses(tc: tinker.TrainingClient, seed: int, steps: int = 3) -> list[float]:
+    out = []
+    for step in range(steps):
+        result = tc.forward_backward(_data(seed + step, 3), "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=0.05)).result()
+        out.append(result.result().metrics["loss:sum"])
+    return out
+
+
+def test_two_users_training_at_once_get_what_they_get_alone(shared):
+    server, keys = shared
+    clients = {u: tinker.ServiceClient(base_url=server.url, api_key=k) for u, k in keys.items()}
+    alone = {}
+    for user, seed in (("alice", 1), ("bob", 2)):
+        tc = clients[user].create_lora_training_client(base_model=QWEN, rank=4, seed=seed)
+        alone[user] = _losses(tc.result(), seed)
+    models = {
+        user: clients[user].create_lora_training_client(base_model=QWEN, rank=4, seed=seed)
+        for user, seed in (("alice", 1), ("bob", 2))
+    }
+    together: dict[str, list[float]] = {}
+    threads = [
+        threading.Thread(
+            target=lambda u=user, s=seed: together.__setitem__(u, _losses(models[u].result(), s))
+        )
+        for user, seed in (("alice", 1), ("bob", 2))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for user in keys:
+        assert together[user] == pytest.approx(alone[user], rel=1e-4, abs=1e-4)
+    for client in clients.values():
+        client.close("success")
+
+
+class _Raw:
+    def __init__(self, server: Server, key: str) -> None:
+        self.http = httpx.Client(
+            base_url=f"{server.url}/api/v1", headers={"X-API-Key": key}, timeout=60
+        )
+
+    def model(self) -> str:
+        session = self.http.post("/create_session", json={}).json()["session_id"]
+        body = {"session_id": session, "base_model": QWEN, "lora_config": {"rank": 4}}
+        created = self.http.post("/create_model", json=body).json()
+        self.result(created["request_id"])
+        return str(created["model_id"])
+
+    def forward(self, model_id: str, seq_id: int, tokens: list[int]) -> str:
+        response = self.http.post(
+            "/forward_backward",
+            content=_fwdbwd_body(model_id, seq_id, tokens),
+            headers={"Content-Type": "application/x-protobuf"},
+        )
+        return str(response.json()["request_id"])
+
+    def result(self, request_id: str) -> dict:
+        while True:
+            answer = self.http.post("/retrieve_future", json={"request_id": request_id}).json()
+            if answer.get("type") != "try_again":
+                return answer
+
+
+def test_a_huge_queue_cannot_push_a_small_request_back(shared):
+    """Alice queues twenty 60-token requests (one fills a 64-token cycle); bob's small one
+    sent after them runs within a cycle or two, ahead of almost all of alice's. Alice's
+    are sent last-first, so all twenty are released at once when the first arrives."""
+    server, keys = shared
+    alice, bob = _Raw(server, keys["alice"]), _Raw(server, keys["bob"])
+    alice_model, bob_model = alice.model(), bob.model()
+    tokens = list(range(1, 62))
+    alice_ids = [alice.forward(alice_model, seq, tokens) for seq in range(20, 0, -1)]
+    bob_id = bob.forward(bob_model, 1, list(range(1, 12)))
+    bob_cycle = bob.result(bob_id)["metrics"]["clock_cycle:unique"]
+    alice_cycles = [alice.result(i)["metrics"]["clock_cycle:unique"] for i in alice_ids]
+    # Each of alice's requests had a cycle of its own: the budget held.
+    assert len(set(alice_cycles)) == 20
+    ahead = sum(cycle < bob_cycle for cycle in alice_cycles)
+    assert ahead <= 2, (ahead, bob_cycle, alice_cycles)
+
+
+def test_sampling_goes_on_between_the_passes_of_a_long_cycle(shared):
+    """A forward_backward of 200 passes (16-token budget) and a 6-token sample sent just
+    after it: the sample is decoded between the passes, so it is done first."""
+    server, keys = shared
+    raw = _Raw(server, keys["alice"])
+    model_id = raw.model()
+    client = tinker.ServiceClient(base_url=server.url, api_key=keys["alice"])
+    sampler = client.create_sampling_client(base_model=QWEN).result()
+    params = types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+    sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 1, params).result()  # warm
+    done: list[str] = []
+    big = _data(3, 200)
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=big, loss_fn="cross_entropy"),
+        model_id=model_id,
+        seq_id=1,
+    )
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    response = raw.http.post(
+        "/forward_backward",
+        content=forward_backward_request_to_proto(request).SerializeToString(),
+        headers={"Content-Type": "application/x-protobuf"},
+    )
+    training_id = response.json()["request_id"]
+    sample = sampler.sample(types.ModelInput.from_ints([4, 5, 6]), 1, params)
+
+    def wait_training() -> None:
+        raw.result(training_id)
+        done.append("training")
+
+    thread = threading.Thread(target=wait_training)
+    thread.start()
+    assert len(sample.result().sequences[0].tokens) == 6
+    done.append("sample")
+    thread.join()
+    assert done == ["sample", "training"]
+    client.close("success")
