@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import threading
 
-import httpx
 import pytest
 import tinker
 from tinker import types
+from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from tests.conftest import QWEN
 from tests.fixtures.server import Server
 from tests.sdk.test_keys import _new_key
-from tests.sdk.test_ordering import _fwdbwd_body
+from tests.sdk.test_ordering import Raw
 
 
 @pytest.fixture(scope="module")
@@ -77,32 +77,13 @@ def test_two_users_training_at_once_get_what_they_get_alone(shared):
         client.close("success")
 
 
-class _Raw:
-    def __init__(self, server: Server, key: str) -> None:
-        self.http = httpx.Client(
-            base_url=f"{server.url}/api/v1", headers={"X-API-Key": key}, timeout=60
-        )
-
+class _Raw(Raw):
     def model(self) -> str:
         session = self.http.post("/create_session", json={}).json()["session_id"]
         body = {"session_id": session, "base_model": QWEN, "lora_config": {"rank": 4}}
         created = self.http.post("/create_model", json=body).json()
         self.result(created["request_id"])
         return str(created["model_id"])
-
-    def forward(self, model_id: str, seq_id: int, tokens: list[int]) -> str:
-        response = self.http.post(
-            "/forward_backward",
-            content=_fwdbwd_body(model_id, seq_id, tokens),
-            headers={"Content-Type": "application/x-protobuf"},
-        )
-        return str(response.json()["request_id"])
-
-    def result(self, request_id: str) -> dict:
-        while True:
-            answer = self.http.post("/retrieve_future", json={"request_id": request_id}).json()
-            if answer.get("type") != "try_again":
-                return answer
 
 
 def test_a_huge_queue_cannot_push_a_small_request_back(shared):
@@ -113,8 +94,8 @@ def test_a_huge_queue_cannot_push_a_small_request_back(shared):
     alice, bob = _Raw(server, keys["alice"]), _Raw(server, keys["bob"])
     alice_model, bob_model = alice.model(), bob.model()
     tokens = list(range(1, 62))
-    alice_ids = [alice.forward(alice_model, seq, tokens) for seq in range(20, 0, -1)]
-    bob_id = bob.forward(bob_model, 1, list(range(1, 12)))
+    alice_ids = [alice.fwdbwd(alice_model, seq, tokens) for seq in range(20, 0, -1)]
+    bob_id = bob.fwdbwd(bob_model, 1, list(range(1, 12)))
     bob_cycle = bob.result(bob_id)["metrics"]["clock_cycle:unique"]
     alice_cycles = [alice.result(i)["metrics"]["clock_cycle:unique"] for i in alice_ids]
     # Each of alice's requests had a cycle of its own: the budget held.
@@ -140,14 +121,7 @@ def test_sampling_goes_on_between_the_passes_of_a_long_cycle(shared):
         model_id=model_id,
         seq_id=1,
     )
-    from tinker.proto.request_conv import forward_backward_request_to_proto
-
-    response = raw.http.post(
-        "/forward_backward",
-        content=forward_backward_request_to_proto(request).SerializeToString(),
-        headers={"Content-Type": "application/x-protobuf"},
-    )
-    training_id = response.json()["request_id"]
+    training_id = raw.fwdbwd_body(forward_backward_request_to_proto(request).SerializeToString())
     sample = sampler.sample(types.ModelInput.from_ints([4, 5, 6]), 1, params)
 
     def wait_training() -> None:

@@ -11,8 +11,6 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 from tests.conftest import API_KEY, QWEN
 from tests.fixtures.server import Server
 
-HEADERS = {"X-API-Key": API_KEY}
-
 
 def _fwdbwd_body(model_id: str, seq_id: int, tokens: list[int], weight: float = 1.0) -> bytes:
     datum = types.Datum(
@@ -28,14 +26,17 @@ def _fwdbwd_body(model_id: str, seq_id: int, tokens: list[int], weight: float = 
 
 
 class Raw:
-    def __init__(self, server: Server) -> None:
-        self.http = httpx.Client(base_url=f"{server.url}/api/v1", headers=HEADERS, timeout=60)
+    def __init__(self, server: Server, key: str = API_KEY) -> None:
+        self.http = httpx.Client(
+            base_url=f"{server.url}/api/v1", headers={"X-API-Key": key}, timeout=60
+        )
 
     def fwdbwd(self, model_id: str, seq_id: int, tokens: list[int]) -> str:
+        return self.fwdbwd_body(_fwdbwd_body(model_id, seq_id, tokens))
+
+    def fwdbwd_body(self, body: bytes) -> str:
         response = self.http.post(
-            "/forward_backward",
-            content=_fwdbwd_body(model_id, seq_id, tokens),
-            headers={"Content-Type": "application/x-protobuf"},
+            "/forward_backward", content=body, headers={"Content-Type": "application/x-protobuf"}
         )
         response.raise_for_status()
         return response.json()["request_id"]
