@@ -168,5 +168,29 @@ def test_memory_comes_back_when_a_session_of_50_models_ends(embedded_data_dir: P
         print(f"RSS idle {idle:.0f} MB, with 50 models {full:.0f} MB, after {after:.0f} MB")
         assert full > idle + 500
         assert after < idle * 1.10
+        _samplers_of_one_checkpoint_share_its_adapter(server, model, http)
     finally:
         server.stop()
+
+
+def _samplers_of_one_checkpoint_share_its_adapter(
+    server: Server, model: str, http: httpx.Client
+) -> None:
+    """Five sampling sessions on one checkpoint (read from disk: the run that saved it has
+    ended) hold one copy of its adapter, not five."""
+    owner = _client(server, "tml-local")
+    tc = owner.create_lora_training_client(base_model=model, rank=128).result()
+    path = tc.save_weights_for_sampler("shared").result().path
+    owner.close("success")
+    assert _until(lambda: http.post("/get_info", json={"model_id": tc.model_id}).status_code == 404)
+    run, kind, name = path.removeprefix("tinker://").split("/")
+    folder = server.data_dir / "checkpoints" / run / kind / name
+    size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    client = _client(server, "tml-local")
+    samplers = [client.create_sampling_client(model_path=path).result()]
+    first = _rss_mb(server.process.pid)
+    samplers += [client.create_sampling_client(model_path=path).result() for _ in range(4)]
+    grown = _rss_mb(server.process.pid) - first
+    print(f"adapter {size_mb:.0f} MB; four more samplers of it: +{grown:.0f} MB")
+    assert size_mb > 50 and grown < size_mb / 2
+    client.close("success")
