@@ -1,5 +1,5 @@
-"""``treadle serve | demo | models | keys`` — the one entry point. ``--help`` imports no torch:
-commands import what they need when they run."""
+"""``treadle serve | demo | models | keys | usage`` — the one entry point. ``--help``
+imports no torch: commands import what they need when they run."""
 
 from __future__ import annotations
 
@@ -276,6 +276,25 @@ def keys(args: argparse.Namespace) -> int:
         store.close()
 
 
+def usage(args: argparse.Namespace) -> int:
+    """``treadle usage``: tokens spent per user, base model and kind, from the data dir
+    (a running server writes its counts every few seconds)."""
+    from treadle.service.store import Store
+
+    store = Store(Settings(data_dir=args.data_dir).db_path)
+    try:
+        totals: dict[tuple[str, str, str], int] = {}
+        for row in store.usage(args.user):
+            key = (row.user, row.base_model, row.kind)
+            totals[key] = totals.get(key, 0) + row.tokens
+    finally:
+        store.close()
+    print("user\tbase model\tkind\ttokens")
+    for (user, base_model, kind), tokens in sorted(totals.items()):
+        print(f"{user}\t{base_model}\t{kind}\t{tokens}")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from treadle.demo import run_demo
 
@@ -333,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (p_create, p_list, p_revoke):
         sub.add_argument("--data-dir", type=Path, default=default_data_dir())
     p_keys.set_defaults(func=keys)
+    p_usage = commands.add_parser(
+        "usage",
+        help="tokens spent per user, base model and kind (prefill, sampled, trained, forward)",
+    )
+    p_usage.add_argument("--user", help="only this user")
+    p_usage.add_argument("--data-dir", type=Path, default=default_data_dir())
+    p_usage.set_defaults(func=usage)
     return parser
 
 

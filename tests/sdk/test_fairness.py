@@ -3,7 +3,10 @@ share of each training cycle, and decoding that goes on during long cycles."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import tinker
@@ -135,3 +138,41 @@ def test_sampling_goes_on_between_the_passes_of_a_long_cycle(shared):
     thread.join()
     assert done == ["sample", "training"]
     client.close("success")
+
+
+def test_usage_is_metered_per_user_and_kind(shared):
+    """Tokens trained, read (prefill) and sampled, counted for the user who spent them:
+    through GET /usage for that user, and `treadle usage` from the data dir."""
+    server, keys = shared
+    carol_key = _new_key(server.data_dir, "carol")
+    carol = tinker.ServiceClient(base_url=server.url, api_key=carol_key)
+    http = Raw(server, carol_key).http
+    for _ in range(20):  # the server re-reads keys within a second
+        if http.get("/usage").status_code == 200:
+            break
+        time.sleep(0.2)
+    tc = carol.create_lora_training_client(base_model=QWEN, rank=4).result()
+    data = _data(5, 3, length=10)
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.forward(data[:1], "cross_entropy").result()
+    sampler = carol.create_sampling_client(base_model=QWEN).result()
+    params = types.SamplingParams(max_tokens=5, temperature=0.0, stop=[])
+    out = sampler.sample(types.ModelInput.from_ints([1, 2, 3, 4]), 2, params).result()
+    sampled = sum(len(s.tokens) for s in out.sequences)
+    usage = http.get("/usage").json()
+    assert usage["user"] == "carol"
+    assert usage["totals"] == {"trained": 30, "forward": 10, "prefill": 4, "sampled": sampled}
+    assert {row["base_model"] for row in usage["hours"]} == {QWEN}
+    # Another user's usage is not carol's.
+    assert Raw(server, keys["bob"]).http.get("/usage").json()["user"] == "bob"
+    carol.close("success")
+    done = subprocess.run(
+        [sys.executable, "-m", "treadle", "usage", "--user", "carol"]
+        + ["--data-dir", str(server.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"carol\t{QWEN}\ttrained\t30" in done.stdout
+    assert f"carol\t{QWEN}\tsampled\t{sampled}" in done.stdout

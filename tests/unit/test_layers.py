@@ -40,7 +40,7 @@ def test_service_reaches_the_engine_only_through_torch_free_modules():
 
 
 def test_help_imports_no_torch():
-    for argv in ([], ["serve"], ["demo"], ["keys"], ["keys", "create"]):
+    for argv in ([], ["serve"], ["demo"], ["keys"], ["keys", "create"], ["usage"]):
         code = (
             "import sys; from treadle.cli import main\n"
             f"try:\n    main({[*argv, '--help']!r})\nexcept SystemExit as exit:\n"

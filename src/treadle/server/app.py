@@ -12,7 +12,15 @@ from fastapi.responses import JSONResponse
 
 from treadle import __version__
 from treadle.errors import NotFound, UserInputError, message_of
-from treadle.server.routes import checkpoints, client, futures, sampling, sessions, training
+from treadle.server.routes import (
+    checkpoints,
+    client,
+    futures,
+    sampling,
+    sessions,
+    training,
+    usage,
+)
 from treadle.service.auth import Unauthorized
 from treadle.service.service import LoadWorker, Service
 from treadle.settings import Settings
@@ -30,7 +38,7 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
         service = await asyncio.to_thread(Service.start, settings, loop, load_worker)
         app.state.service = service
         log.info("treadle %s serving %s", __version__, ", ".join(e.name for e in settings.models))
-        reaper = asyncio.create_task(_end_expired_sessions(service))
+        reaper = asyncio.create_task(_housekeeping(service))
         try:
             yield
         finally:
@@ -40,7 +48,7 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
     app = FastAPI(
         title="treadle", version=__version__, lifespan=lifespan, dependencies=[Depends(_caller)]
     )
-    for module in (client, sessions, training, sampling, checkpoints, futures):
+    for module in (client, sessions, training, sampling, checkpoints, futures, usage):
         app.include_router(module.router)
 
     # Permanent errors are 4xx with a JSON body: the SDK retries 5xx for minutes and
@@ -56,12 +64,13 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
     return app
 
 
-async def _end_expired_sessions(service: Service) -> None:
-    """Sessions whose client stopped sending heartbeats end, a few times per timeout."""
-    period = min(10.0, service.settings.session_timeout_seconds / 4)
+async def _housekeeping(service: Service) -> None:
+    """Sessions whose client stopped sending heartbeats end (checked a few times per
+    timeout), and usage counts are written to the data dir."""
+    period = min(5.0, service.settings.session_timeout_seconds / 4)
     while True:
         await asyncio.sleep(period)
-        service.end_expired_sessions()
+        service.tick()
 
 
 async def _caller(request: Request) -> None:

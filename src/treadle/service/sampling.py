@@ -25,6 +25,7 @@ from treadle.service.futures import FutureStore
 from treadle.service.served import Adapter, ServedModel, find_model
 from treadle.service.sessions import Sessions
 from treadle.service.store import Store
+from treadle.service.usage import Usage
 from treadle.settings import Settings
 from treadle.types import ModelInfo, SampleResult
 
@@ -67,12 +68,14 @@ class Sampling:
         futures: FutureStore,
         store: Store,
         sessions: Sessions,
+        usage: Usage,
         settings: Settings,
     ) -> None:
         self._models = models
         self._futures = futures
         self._store = store
         self._client_sessions = sessions
+        self._usage = usage
         self._data_dir = settings.data_dir
         self._ephemeral_per_model = settings.ephemeral_samplers_per_model
         self._max_per_user = settings.max_samplers_per_user
@@ -214,8 +217,11 @@ class Sampling:
         def done(outcome: SampleResult | BaseException) -> None:
             if isinstance(outcome, BaseException):
                 self._futures.resolve(request_id, failure_of(outcome, "treadle sampler"))
-            else:
-                self._futures.resolve(request_id, outcome)
+                return
+            self._usage.add(user, session.base_model, "prefill", int(call.prompt.shape[0]))
+            sampled = sum(len(sequence.tokens) for sequence in outcome.sequences)
+            self._usage.add(user, session.base_model, "sampled", sampled)
+            self._futures.resolve(request_id, outcome)
 
         def start() -> None:
             served.worker.add_sample(

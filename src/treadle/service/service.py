@@ -17,6 +17,7 @@ from treadle.service.served import ServedModel, Worker
 from treadle.service.sessions import Sessions
 from treadle.service.store import Store
 from treadle.service.training import Training
+from treadle.service.usage import Usage
 from treadle.settings import ModelEntry, Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class Service:
     sampling: Sampling
     models: dict[str, ServedModel]
     auth: Auth
+    usage: Usage
 
     @classmethod
     def start(
@@ -53,13 +55,17 @@ class Service:
             engine_loop.start()
             models[entry.name] = ServedModel(worker, engine_loop)
         sessions = Sessions(store)
-        sampling = Sampling(models, futures, store, sessions, settings)
-        training = Training(models, futures, store, sessions, sampling, settings)
-        return cls(settings, store, futures, sessions, training, sampling, models, Auth(store))
+        usage = Usage(store)
+        sampling = Sampling(models, futures, store, sessions, usage, settings)
+        training = Training(models, futures, store, sessions, sampling, usage, settings)
+        return cls(
+            settings, store, futures, sessions, training, sampling, models, Auth(store), usage
+        )
 
     def stop(self) -> None:
         for served in self.models.values():
             served.loop.stop()
+        self.usage.flush()
         self.store.close()
 
     def finish_session(self, user: str, session_id: str, reason: str) -> None:
@@ -73,6 +79,11 @@ class Service:
         self.sampling.end_session(session_id)
         if self.models:  # one process, one allocator: any worker can trim it
             next(iter(self.models.values())).worker.release_memory()
+
+    def tick(self) -> None:
+        """Housekeeping every few seconds: silent sessions end, usage is written."""
+        self.end_expired_sessions()
+        self.usage.flush()
 
     def end_expired_sessions(self) -> list[str]:
         """End every session whose client went silent (no heartbeat for the timeout)."""

@@ -50,6 +50,14 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at REAL NOT NULL,
     revoked_at REAL
 );
+CREATE TABLE IF NOT EXISTS usage (
+    user TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    base_model TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (user, hour, base_model, kind)
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     tinker_path TEXT PRIMARY KEY,
     model_id TEXT NOT NULL,
@@ -193,6 +201,24 @@ class Store:
         )
         return [_run_row(row) for row in rows]
 
+    def add_usage(self, rows: list[UsageRow]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (user, hour, base_model,"
+                " kind) DO UPDATE SET tokens = tokens + excluded.tokens",
+                [(r.user, r.hour, r.base_model, r.kind, r.tokens) for r in rows],
+            )
+
+    def usage(self, user: str | None = None) -> list[UsageRow]:
+        """Usage rows of ``user`` (None: of everyone), oldest hour first."""
+        where, args = ("WHERE user = ?", (user,)) if user is not None else ("", ())
+        rows = self._execute(
+            f"SELECT user, hour, base_model, kind, tokens FROM usage {where}"
+            " ORDER BY hour, user, base_model, kind",
+            args,
+        )
+        return [UsageRow(*row) for row in rows]
+
     def add_key(self, key_hash: str, prefix: str, user: str) -> None:
         self._execute(
             "INSERT INTO api_keys VALUES (?, ?, ?, ?, NULL)", (key_hash, prefix, user, time.time())
@@ -288,6 +314,15 @@ class CheckpointRow:
     created_at: float
     size_bytes: int
     public: bool = False  # published: any user may read, load and sample it
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    user: str
+    hour: int  # unix time of the hour's start
+    base_model: str
+    kind: str  # prefill, sampled, trained or forward
+    tokens: int
 
 
 @dataclass(frozen=True)

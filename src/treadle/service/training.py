@@ -27,6 +27,7 @@ from treadle.service.sampling import Sampling, sampler_id
 from treadle.service.served import Adapter, ServedModel, TrainingModel, find_model
 from treadle.service.sessions import Sessions
 from treadle.service.store import CheckpointRow, Store, TrainingRunRow
+from treadle.service.usage import Usage
 from treadle.settings import Settings
 from treadle.types import AdamParams, Datum, LoraSpec
 
@@ -64,12 +65,14 @@ class Training:
         store: Store,
         sessions: Sessions,
         sampling: Sampling,
+        usage: Usage,
         settings: Settings,
     ) -> None:
         self.models = models
         self._futures = futures
         self._store = store
         self._sessions = sessions
+        self._usage = usage
         self._sampling = sampling
         self._data_dir = settings.data_dir
         self._max_rank = settings.max_lora_rank
@@ -283,6 +286,8 @@ class Training:
             def build() -> Any:
                 with self._tokens_lock:  # on the engine loop; counted on the event loop
                     run.queued_tokens -= tokens  # running now
+                kind = "forward" if forward_only else "trained"
+                self._usage.add(user, run.base_model, kind, tokens)
                 return worker.work(run.built(), data, loss, forward_only)
 
             return Packable(request_id, build, user, tokens)
