@@ -202,3 +202,18 @@ def test_a_published_checkpoint_is_readable_by_all_and_changed_by_its_owner_only
         bob.create_training_client_from_state(alice.state).result()
     alice.client.close("success")
     bob.close("success")
+
+
+def test_malformed_checkpoint_references_are_400s(two_users):
+    server, alice_key, _ = two_users
+    http = httpx.Client(base_url=f"{server.url}/api/v1", headers={"X-API-Key": alice_key})
+    for response in (
+        http.post("/training_runs/x/checkpoints/bogus/name/publish"),
+        http.delete("/training_runs/x/checkpoints/weights/bad%20name/publish"),
+        http.post("/weights_info", json={"tinker_path": "not-a-tinker-path"}),
+        http.post("/weights_info", json={"tinker_path": "tinker://a/weights/../../x"}),
+    ):
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"]
+    assert httpx.get(f"{server.url}/api/v1/usage").status_code == 401
+    assert http.get("/usage").json()["user"] == "alice"
