@@ -13,7 +13,7 @@ from pathlib import Path
 
 from treadle.errors import NotFound, UserInputError
 from treadle.service.auth import owned
-from treadle.service.store import Store
+from treadle.service.store import CheckpointRow, Store
 
 PREFIX = "tinker://"
 KINDS = ("weights", "sampler_weights")
@@ -61,9 +61,21 @@ def readable_checkpoint(store: Store, data_dir: Path, user: str, tinker_path: st
     path = CheckpointPath.parse(tinker_path)
     missing = f"no checkpoint at {tinker_path}"
     row = store.checkpoint(path.tinker_path)
-    if row is None:
+    if row is None or not row.public:
+        owned(_owner(store, row), user, missing)
+    folder = path.folder(data_dir)
+    if not folder.is_dir():
         raise NotFound(missing)
-    if not row.public:
-        run = store.training_run(row.model_id)
-        owned(run.user if run else None, user, missing)
-    return path.folder(data_dir)
+    return folder
+
+
+def own_checkpoint(store: Store, user: str, path: CheckpointPath) -> None:
+    """Not found unless ``user`` owns the checkpoint (published or not): only its owner
+    may change or delete it."""
+    row = store.checkpoint(path.tinker_path)
+    owned(_owner(store, row), user, f"no checkpoint at {path.tinker_path}")
+
+
+def _owner(store: Store, row: CheckpointRow | None) -> str | None:
+    run = store.training_run(row.model_id) if row else None
+    return run.user if run else None

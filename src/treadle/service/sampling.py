@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from treadle.engine.adapter_config import read_spec
-from treadle.errors import NotFound, UserInputError, failure_of
+from treadle.errors import UserInputError, failure_of
 from treadle.sampling_params import SampleLimits, SamplingParams, check_sample
 from treadle.service.auth import owned
 from treadle.service.checkpoints import readable_checkpoint
@@ -169,8 +169,6 @@ class Sampling:
         self, user: str, sampling_session_id: str, base_model: str | None, model_path: str
     ) -> SamplingSession:
         folder = readable_checkpoint(self._store, self._data_dir, user, model_path)
-        if not folder.is_dir():
-            raise NotFound(f"no checkpoint at {model_path}")
         _, trained_on = read_spec(folder)
         if trained_on is None:
             raise UserInputError(f"{model_path} does not record its base model")

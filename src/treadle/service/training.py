@@ -20,7 +20,12 @@ from typing import Any
 from treadle.engine.adapter_config import read_spec
 from treadle.errors import Failure, NotFound, UserInputError, failure_of
 from treadle.service.auth import owned
-from treadle.service.checkpoints import CheckpointPath, check_name, readable_checkpoint
+from treadle.service.checkpoints import (
+    CheckpointPath,
+    check_name,
+    own_checkpoint,
+    readable_checkpoint,
+)
 from treadle.service.engine_loop import Packable, Queued, Rejected, Solo
 from treadle.service.futures import FutureStore
 from treadle.service.sampling import Sampling, sampler_id
@@ -146,7 +151,7 @@ class Training:
         origin = ("create_from_state", tinker_path, optimizer)
 
         def start(model_id: str) -> tuple[TrainingRun, ServedModel, Callable[[], Any]]:
-            folder = self._checkpoint_folder(user, tinker_path)
+            folder = readable_checkpoint(self._store, self._data_dir, user, tinker_path)
             spec, base_model = read_spec(folder)
             served = self.model(base_model or "")
             run = TrainingRun(model_id, session_id, served.info.name, spec, user, origin)
@@ -419,7 +424,7 @@ class Training:
         worker = self.models[run.base_model].worker
 
         def load() -> dict[str, str]:
-            folder = self._checkpoint_folder(user, tinker_path)
+            folder = readable_checkpoint(self._store, self._data_dir, user, tinker_path)
             _, trained_on = read_spec(folder)
             if trained_on != run.base_model:
                 raise UserInputError(
@@ -438,23 +443,8 @@ class Training:
 
         return self._in_order(run, seq_id, load)
 
-    def _checkpoint_folder(self, user: str, tinker_path: str) -> Path:
-        """The folder of a checkpoint ``user`` may read: their own, or a published one."""
-        folder = readable_checkpoint(self._store, self._data_dir, user, tinker_path)
-        if not folder.is_dir():
-            raise NotFound(f"no checkpoint at {tinker_path}")
-        return folder
-
-    def _own_checkpoint(self, user: str, path: CheckpointPath) -> CheckpointRow:
-        """A checkpoint ``user`` may change: only their own, published or not."""
-        row = self._store.checkpoint(path.tinker_path)
-        run = self._store.training_run(row.model_id) if row else None
-        owned(run.user if run else None, user, f"no checkpoint at {path.tinker_path}")
-        assert row is not None
-        return row
-
     def delete_checkpoint(self, user: str, path: CheckpointPath) -> None:
-        self._own_checkpoint(user, path)
+        own_checkpoint(self._store, user, path)
         self._store.delete_checkpoint(path.tinker_path)
         folder = path.folder(self._data_dir)
         if folder.is_dir():
@@ -463,7 +453,7 @@ class Training:
 
     def publish(self, user: str, path: CheckpointPath, public: bool) -> None:
         """Publish (any user may then read, load and sample it) or unpublish."""
-        self._own_checkpoint(user, path)
+        own_checkpoint(self._store, user, path)
         self._store.set_public(path.tinker_path, public)
 
     def _in_order(self, run: TrainingRun, seq_id: int | None, fn: Callable[[], Any]) -> str:
