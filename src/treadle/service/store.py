@@ -292,6 +292,18 @@ class Store:
         )
         return [_checkpoint_row(row) for row in rows]
 
+    def checkpoint_storage(self, user: str) -> list[tuple[str | None, int, int]]:
+        """``user``'s checkpoints grouped by the project of the session that created their
+        training run: ``(project_id, count, bytes)``, by project id."""
+        rows = self._execute(
+            "SELECT s.project_id, COUNT(*), SUM(c.size_bytes) FROM checkpoints c"
+            " JOIN training_runs r ON c.model_id = r.model_id"
+            " LEFT JOIN sessions s ON r.session_id = s.session_id"
+            " WHERE r.user = ? GROUP BY s.project_id ORDER BY s.project_id",
+            (user,),
+        )
+        return [(row[0], int(row[1]), int(row[2])) for row in rows]
+
     def set_public(self, tinker_path: str, public: bool) -> None:
         self._execute(
             "UPDATE checkpoints SET public = ? WHERE tinker_path = ?", (public, tinker_path)

@@ -506,6 +506,11 @@ class Training:
     def all_checkpoints(self, user: str) -> list[CheckpointRow]:
         return self._store.checkpoints_of(user)
 
+    def checkpoint_storage(self, user: str) -> list[tuple[str | None, int, int]]:
+        """What ``user``'s checkpoints take on disk (the bytes the quota counts), by
+        project: ``(project_id, count, bytes)``."""
+        return self._store.checkpoint_storage(user)
+
     def weights_info(self, user: str, tinker_path: str) -> TrainingRunRow:
         """The run behind a checkpoint ``user`` may read (their own, or a published one)."""
         readable_checkpoint(self._store, self._data_dir, user, tinker_path)
