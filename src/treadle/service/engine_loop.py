@@ -18,9 +18,10 @@ import collections
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from treadle.errors import Failure, failure_of
 from treadle.service.futures import FutureStore
@@ -29,6 +30,11 @@ from treadle.service.served import Worker
 from treadle.types import ForwardBackwardResult
 
 log = logging.getLogger(__name__)
+
+# Waiting for the rest of a cycle (see EngineLoop._gathering): at most this long, and at
+# most this share of the last pass's time, so a lone request never waits noticeably.
+_GATHER_SECONDS = 0.1
+_GATHER_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,10 @@ class EngineLoop:
         self._cycles = itertools.count(1)
         self._cycle_tokens = cycle_tokens
         self._turns: collections.deque[str] = collections.deque()  # users, next served first
+        self._expected: set[str] = set()  # models served in the last cycle
+        self._solo_turn = True  # whether requests that run alone go next, when both wait
+        self._gather_until: float | None = None
+        self._last_pass = 0.0  # seconds the last packed forward/backward took
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"loop:{self.name}", daemon=True)
 
@@ -136,22 +146,31 @@ class EngineLoop:
             self._ordering.forget(model_id)
 
     def _take_cycle(self) -> list[Queued]:
-        """The next cycle: leading forward/backward requests within the token budget, one
-        per user in turn (at least one, however large); else one request to run alone."""
-        queues: dict[str, list[collections.deque[Queued]]] = {}
-        for queue in self._ready.values():
-            if queue and isinstance(queue[0], Packable):
-                queues.setdefault(queue[0].user, []).append(queue)
+        """The next cycle, taking turns when both kinds wait: the leading requests of
+        every model that run alone (an ``optim_step`` after its model's pass, a save, …),
+        or the leading forward/backward requests within the token budget, one per user in
+        turn (at least one, however large). The models served become
+        :attr:`_expected`."""
+        solos = {m: q for m, q in self._ready.items() if q and not isinstance(q[0], Packable)}
+        packables = {m: q for m, q in self._ready.items() if q and isinstance(q[0], Packable)}
+        if solos and (self._solo_turn or not packables):
+            self._solo_turn = False
+            self._expected = set(solos)
+            return [queue.popleft() for queue in solos.values()]
+        self._solo_turn = True
+        queues: dict[str, list[tuple[str, collections.deque[Queued]]]] = {}
+        for model_id, queue in packables.items():
+            queues.setdefault(cast(Packable, queue[0]).user, []).append((model_id, queue))
         for user in queues:
             if user not in self._turns:
                 self._turns.appendleft(user)  # not served yet: first in line
         cycle: list[Queued] = []
-        tokens, served = 0, []
+        tokens, users, served = 0, [], set()
         taking = True
         while taking:
             taking = False
             for user in [u for u in self._turns if u in queues]:
-                for queue in queues[user]:
+                for model_id, queue in queues[user]:
                     head = queue[0] if queue else None
                     if not isinstance(head, Packable):
                         continue
@@ -159,29 +178,55 @@ class EngineLoop:
                         continue
                     cycle.append(queue.popleft())
                     tokens += head.tokens
-                    served.append(user)
+                    served.add(model_id)
+                    users.append(user)
                     taking = True
                     break
+        for user in dict.fromkeys(users):  # served users go to the back of the line
+            self._turns.remove(user)
+            self._turns.append(user)
         if cycle:
-            for user in dict.fromkeys(served):  # served users go to the back of the line
-                self._turns.remove(user)
-                self._turns.append(user)
-            return cycle
-        for queue in self._ready.values():
-            if queue:
-                return [queue.popleft()]
-        return []
+            self._expected = served
+        return cycle
+
+    def _gathering(self) -> float:
+        """Seconds to wait for the rest of a packed cycle before taking it, or 0.
+
+        Models served in the last cycle usually send their next request at once (the
+        SDK's ``forward_backward`` + ``optim_step`` loop), a few milliseconds after their
+        results. Taking a cycle the moment its first request is ready would run the others
+        alone, one after another, and they would never pack again; so while the next cycle
+        is forward/backward work and some of those models have not come back, the loop
+        waits for them briefly (``_GATHER_SECONDS`` at most, and a small share of the last
+        pass's time). Whoever misses it joins the next cycle.
+        """
+        heads = [q[0] for q in self._ready.values() if q]
+        if not any(isinstance(head, Packable) for head in heads):
+            return 0.0
+        if self._solo_turn and not all(isinstance(head, Packable) for head in heads):
+            return 0.0
+        if not self._expected - {m for m, q in self._ready.items() if q}:
+            return 0.0
+        now = time.monotonic()
+        if self._gather_until is None:
+            self._gather_until = now + min(_GATHER_SECONDS, _GATHER_SHARE * self._last_pass)
+        return max(0.0, self._gather_until - now)
 
     def _loop(self) -> None:
         self._worker.claim_thread()
         while True:
             with self._lock:
-                cycle = self._take_cycle()
-                while not (cycle or self._incoming or self._worker.sampling() or self._stopped):
-                    self._lock.wait()
-                    cycle = self._take_cycle()
-                if self._stopped:
-                    return
+                while True:
+                    if self._stopped:
+                        return
+                    cycle: list[Queued] = []
+                    pause = self._gathering()
+                    if not pause:
+                        cycle = self._take_cycle()
+                        self._gather_until = None
+                    if cycle or self._incoming or self._worker.sampling():
+                        break  # (decode steps go on while a cycle gathers)
+                    self._lock.wait(timeout=pause or None)
                 incoming, self._incoming = self._incoming, []
                 for model_id in [m for m, q in self._ready.items() if not q]:
                     del self._ready[model_id]
@@ -203,37 +248,42 @@ class EngineLoop:
                 log.exception("%s: sampling step failed", self.name)
 
     def _run(self, cycle: list[Queued]) -> None:
-        works: list[Any] = []
-        packed: list[Packable] = []
+        """Run a cycle: the requests that run alone first (each is its model's leading
+        request, ahead of any of its model's packed work), then the packed passes."""
         for item in cycle:
             if isinstance(item, Rejected):
                 self._futures.resolve(item.request_id, item.failure)
-            elif isinstance(item, Packable):
-                try:
-                    works.append(item.build())
-                except Exception as exc:
-                    self._fail([item.request_id], exc)
-                else:
-                    packed.append(item)
-        if works:
-            cycle_id = next(self._cycles)
-            try:
-                outcomes = self._worker.forward_backward(works, self._decode_step)
-            except Exception as exc:
-                self._fail([item.request_id for item in packed], exc)
-            else:
-                for item, outcome in zip(packed, outcomes, strict=True):
-                    metrics = {"loss:sum": outcome.loss, "clock_cycle:unique": float(cycle_id)}
-                    result = ForwardBackwardResult(outcome.logprobs, metrics)
-                    self._futures.resolve(item.request_id, result)
-        for item in cycle:
-            if isinstance(item, Solo):
+            elif isinstance(item, Solo):
                 try:
                     result = item.call()
                 except Exception as exc:
                     self._fail([item.request_id], exc)
                 else:
                     self._futures.resolve(item.request_id, result)
+        works: list[Any] = []
+        packed: list[Packable] = []
+        for item in cycle:
+            if isinstance(item, Packable):
+                try:
+                    works.append(item.build())
+                except Exception as exc:
+                    self._fail([item.request_id], exc)
+                else:
+                    packed.append(item)
+        if not works:
+            return
+        cycle_id = next(self._cycles)
+        started = time.monotonic()
+        try:
+            outcomes = self._worker.forward_backward(works, self._decode_step)
+        except Exception as exc:
+            self._fail([item.request_id for item in packed], exc)
+        else:
+            for item, outcome in zip(packed, outcomes, strict=True):
+                metrics = {"loss:sum": outcome.loss, "clock_cycle:unique": float(cycle_id)}
+                result = ForwardBackwardResult(outcome.logprobs, metrics)
+                self._futures.resolve(item.request_id, result)
+        self._last_pass = time.monotonic() - started
 
     def _fail(self, request_ids: list[str], exc: Exception) -> None:
         failure = failure_of(exc, f"treadle engine ({self.name})")
