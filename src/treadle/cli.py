@@ -7,7 +7,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from treadle.settings import EMBEDDED_DEFAULT, ModelEntry, Settings, default_data_dir
 
@@ -21,8 +23,15 @@ def _model_entry(text: str) -> ModelEntry:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share: give a number in (0, 1]")
+    return value
+
+
 # Limits and tunables: (flag, Settings field, type, help). Each is a Settings field.
-_LIMITS: list[tuple[str, str, type, str]] = [
+_LIMITS: list[tuple[str, str, Callable[[str], Any], str]] = [
     (
         "--max-tokens-per-pass",
         "max_tokens_per_pass",
@@ -34,6 +43,13 @@ _LIMITS: list[tuple[str, str, type, str]] = [
         "cycle_tokens",
         int,
         "forward/backward tokens one training cycle takes, one request per user in turn",
+    ),
+    (
+        "--decode-share",
+        "decode_share",
+        _share,
+        "share of the engine's time decoding gets while training waits too (in (0, 1]; 1:"
+        " sampling first); training pauses between layers for it",
     ),
     ("--max-lora-rank", "max_lora_rank", int, "largest LoRA rank create_model accepts"),
     (

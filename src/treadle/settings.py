@@ -62,6 +62,11 @@ class Settings:
     # Tokens of forward/backward work one training cycle takes, shared fairly among the
     # users with work queued; decoding runs between the cycle's passes.
     cycle_tokens: int = 8192
+    # The share of the engine's time decoding gets while training waits too: a training
+    # cycle pauses for a decode step between its layers whenever it is due. 0.5 makes
+    # both take about twice as long as alone under full load of each; 1 gives sampling
+    # priority.
+    decode_share: float = 0.5
     max_lora_rank: int = 256
     # Sequences decoded together, and prompt tokens prefilled in one pass (a longer
     # prompt still runs, alone).

@@ -15,6 +15,7 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from tests.conftest import QWEN
 from tests.fixtures.server import Server
+from tests.fixtures.tiny_models import make_tiny_model
 from tests.sdk.test_keys import _new_key
 from tests.sdk.test_ordering import Raw
 
@@ -176,3 +177,55 @@ def test_usage_is_metered_per_user_and_kind(shared):
     assert done.returncode == 0, done.stderr
     assert f"carol\t{QWEN}\ttrained\t30" in done.stdout
     assert f"carol\t{QWEN}\tsampled\t{sampled}" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A deeper tiny model, one pass per request (8192-token budget), sampling first."""
+    root = tmp_path_factory.mktemp("deep")
+    folder = make_tiny_model(root / "model", hidden_size=256, num_layers=8, seed=3)
+    data_dir = root / "treadle"
+    data_dir.mkdir()
+    args = ["--max-tokens-per-pass", "8192", "--decode-share", "1", "--long-poll-seconds", "2"]
+    server = Server({QWEN: folder}, data_dir, args)
+    yield server
+    server.stop()
+
+
+def test_sampling_goes_on_between_the_layers_of_one_pass(deep):
+    """One forward_backward of 4,000 tokens is one pass; a greedy sample sent while it
+    runs is decoded between its layers (forward and backward), so it is done first, with
+    the tokens it gets alone; the training numbers are those of the same step with
+    nothing else running."""
+    client = tinker.ServiceClient(base_url=deep.url, api_key="tml-local")
+    sampler = client.create_sampling_client(base_model=QWEN).result()
+    params = types.SamplingParams(max_tokens=4, temperature=0.0, stop=[])
+    prompt = types.ModelInput.from_ints([4, 5, 6])
+    alone = sampler.sample(prompt, 1, params).result().sequences[0].tokens
+    data = _data(3, 8, length=500)
+    adam = types.AdamParams(learning_rate=0.05)
+    models = [
+        client.create_lora_training_client(base_model=QWEN, rank=4, seed=7).result()
+        for _ in range(2)
+    ]
+    quiet_loss = models[0].forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
+    models[0].optim_step(adam).result()
+    quiet_next = models[0].forward(data, "cross_entropy").result().metrics["loss:sum"]
+
+    done: list[str] = []
+    training = models[1].forward_backward(data, "cross_entropy")
+    time.sleep(0.3)  # let the pass begin (it takes seconds)
+    sample = sampler.sample(prompt, 1, params)
+    waiter = threading.Thread(target=lambda: (training.result(), done.append("training")))
+    waiter.start()
+    tokens = sample.result().sequences[0].tokens
+    done.append("sample")
+    waiter.join()
+    assert done == ["sample", "training"]
+    assert tokens == alone
+    assert training.result().metrics["loss:sum"] == pytest.approx(quiet_loss, rel=1e-5)
+    models[1].optim_step(adam).result()
+    busy_next = models[1].forward(data, "cross_entropy").result().metrics["loss:sum"]
+    assert busy_next == pytest.approx(quiet_next, rel=1e-5)
+    assert busy_next != pytest.approx(quiet_loss, rel=1e-3)  # the step changed the model
+    client.close("success")

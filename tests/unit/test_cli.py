@@ -129,3 +129,17 @@ def test_every_limit_is_a_flag_and_the_demo_passes_them_all_on(tmp_path: Path):
     )
     served = settings_of(build_parser().parse_args(["serve", *serve_argv(settings)]))
     assert served == settings
+
+
+@pytest.mark.parametrize("share", ["0", "-0.5", "1.5", "nan"])
+def test_decode_share_outside_its_range_is_refused(share: str):
+    done = _treadle("serve", "--decode-share", share)
+    assert done.returncode == 2
+    assert "give a number in (0, 1]" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_decode_share_reaches_the_settings():
+    from treadle.cli import build_parser, settings_of
+
+    args = build_parser().parse_args(["serve", "--decode-share", "0.25"])
+    assert settings_of(args).decode_share == 0.25

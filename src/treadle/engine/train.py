@@ -10,14 +10,16 @@ own adapter (:mod:`treadle.engine.lora`). Gradients accumulate in the adapters u
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from treadle.engine.lora import Adapter
 from treadle.engine.losses import LossSpec
@@ -155,12 +157,15 @@ def forward_backward(
     base: BaseLM,
     works: Sequence[ForwardBackwardWork],
     max_tokens: int,
-    between_passes: Callable[[], None] | None = None,
+    pause: Callable[[], None] | None = None,
 ) -> list[ForwardBackwardOutcome]:
     """Run every work item; gradients of the non-forward-only ones accumulate in their
-    adapters. Returns one outcome per work item, in order. ``between_passes`` runs after
-    every pass but the last (the engine loop decodes there, so sampling never waits for a
-    whole long cycle); it must leave the training models alone."""
+    adapters. Returns one outcome per work item, in order.
+
+    ``pause`` is offered between passes and at every decoder layer of a pass, forward and
+    backward (see :func:`_pausing`): the engine loop decodes there when its share of time
+    is due, so sampling never waits for a whole pass. It must leave the training models
+    alone."""
     outcomes = [
         ForwardBackwardOutcome(logprobs=[np.empty(0, np.float32)] * len(w.data), loss=0.0)
         for w in works
@@ -178,11 +183,15 @@ def forward_backward(
         order = {id(item.adapter): rank for rank, item in reversed(list(enumerate(items)))}
         items.sort(key=lambda item: order[id(item.adapter)])
         for one_pass in _packed_passes(items, max_tokens):
-            if between_passes is not None and ran:
-                between_passes()
+            if pause is not None and ran:
+                pause()
             # Only a single datum longer than the budget makes a pass this large.
             long_pass = one_pass.tokens > max_tokens and not forward_only
-            with torch.set_grad_enabled(not forward_only), base.checkpointed(long_pass):
+            with (
+                torch.set_grad_enabled(not forward_only),
+                base.checkpointed(long_pass),
+                _pausing(base, None if long_pass else pause),
+            ):
                 _run_pass(base, works, one_pass, outcomes, losses, backward=not forward_only)
             ran = True
     for w, work in enumerate(works):
@@ -190,6 +199,48 @@ def forward_backward(
         if not work.forward_only:
             work.model.pending_datums += len(work.data)
     return outcomes
+
+
+@contextlib.contextmanager
+def _pausing(base: BaseLM, pause: Callable[[], None] | None) -> Iterator[None]:
+    """Offer ``pause`` before each decoder layer's forward and after its backward.
+
+    A pass over a few thousand tokens takes seconds; layer boundaries cut it into slices
+    of tens of milliseconds. ``pause`` runs in an empty context (this pass's routing and
+    packing must not reach the sampler's passes) and never inside itself (a prefill runs
+    these layers too). Checkpointed passes (``pause`` None) offer none: their layers
+    recompute during backward in training mode, which the sampler must not see.
+    """
+    if pause is None:
+        yield
+        return
+    busy = False
+
+    def offer(*_: object) -> None:
+        nonlocal busy
+        if busy:
+            return
+        busy = True
+        try:
+            contextvars.Context().run(pause)
+        finally:
+            busy = False
+
+    def before_layer(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if busy:
+            return
+        offer()
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, Tensor) and hidden.requires_grad:
+            hidden.register_hook(offer)  # runs once this layer's backward is done
+
+    layers = cast(Iterable[nn.Module], base.backbone.layers)
+    handles = [layer.register_forward_pre_hook(before_layer, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _packed_passes(items: list[_Item], max_tokens: int) -> Iterator[_Pass]:

@@ -87,11 +87,11 @@ class Worker:
         return ForwardBackwardWork(model, data, loss.spec, loss.config, forward_only)
 
     def forward_backward(
-        self, works: list[ForwardBackwardWork], between_passes: Callable[[], None]
+        self, works: list[ForwardBackwardWork], pause: Callable[[], None]
     ) -> list[ForwardBackwardOutcome]:
-        """One clock cycle: every request's data in shared packed passes, with
-        ``between_passes`` run between them."""
-        return forward_backward(self.base, works, self._max_tokens_per_pass, between_passes)
+        """One clock cycle: every request's data in shared packed passes, offering
+        ``pause`` between passes and between their layers (forward and backward)."""
+        return forward_backward(self.base, works, self._max_tokens_per_pass, pause)
 
     def new_model(self, spec: LoraSpec, seed: int | None) -> LoraModel:
         return LoraModel.create(new_adapter(spec, self.base.layers, seed))

@@ -1,15 +1,20 @@
 """The engine loop: one thread per base model that runs everything computed on it.
 
-It alternates one decode step of every running sample with one training *cycle*: the
-leading forward/backward requests of the models with work ready, packed into shared
-passes (Tinker's clock cycle), or else one request that runs alone (``optim_step``,
-saves, loads, …). Requests arrive through the model's :class:`~treadle.service.ordering.
-Ordering`, so a model's requests still execute strictly in ``seq_id`` order.
+It alternates one decode step of every running sample with one training *cycle*. A
+cycle is either the leading forward/backward requests of the models with work ready,
+packed into shared passes (Tinker's clock cycle), or the leading requests that run
+alone (``optim_step``, saves, loads, …), one per model; when both wait they take turns,
+so a model's ``optim_step`` runs right after its pass and its next ``forward_backward``
+is back in time for the next packed cycle (which waits for it briefly, see
+:meth:`EngineLoop._gathering`). Requests arrive through the model's
+:class:`~treadle.service.ordering.Ordering`, so a model's requests still execute
+strictly in ``seq_id`` order.
 
 Sharing is fair: a cycle has a token budget, filled one request per user in turn (users
 not served yet first, then whoever was served longest ago), so a user with a huge queue
 delays another's small request by about one cycle at most. Decoding goes on inside a
-cycle too: one decode step runs between its passes. Nothing computes on the event loop.
+cycle too: the passes pause between layers for a decode step whenever decoding's share
+of the time (``--decode-share``) is due. Nothing computes on the event loop.
 """
 
 from __future__ import annotations
@@ -72,7 +77,12 @@ class EngineLoop:
     """Ordering of a base model's requests plus the thread that executes them."""
 
     def __init__(
-        self, worker: Worker, futures: FutureStore, retry_window: int, cycle_tokens: int
+        self,
+        worker: Worker,
+        futures: FutureStore,
+        retry_window: int,
+        cycle_tokens: int,
+        decode_share: float,
     ) -> None:
         self.name = worker.info.name
         self._worker = worker
@@ -90,6 +100,9 @@ class EngineLoop:
         self._solo_turn = True  # whether requests that run alone go next, when both wait
         self._gather_until: float | None = None
         self._last_pass = 0.0  # seconds the last packed forward/backward took
+        # While both wait, training runs this many seconds per second of decoding.
+        self._training_per_decode = (1.0 - decode_share) / decode_share
+        self._decode_due = 0.0  # when a training cycle next pauses for a decode step
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"loop:{self.name}", daemon=True)
 
@@ -235,10 +248,12 @@ class EngineLoop:
                 self._run(cycle)
 
     def _decode_step(self, incoming: list[Callable[[], None]] | None = None) -> None:
-        """Hand new samples to the worker, then advance every running one by a token."""
+        """Hand new samples to the worker, then advance every running one by a token
+        (admitting waiting ones with a prefill first)."""
         if incoming is None:
             with self._lock:
                 incoming, self._incoming = self._incoming, []
+        started = time.monotonic()
         for start in incoming:
             start()
         if self._worker.sampling():
@@ -246,6 +261,14 @@ class EngineLoop:
                 self._worker.sample_step()
             except Exception:
                 log.exception("%s: sampling step failed", self.name)
+        ended = time.monotonic()
+        self._decode_due = ended + (ended - started) * self._training_per_decode
+
+    def _pause(self) -> None:
+        """Offered by a training cycle between passes and layers: a decode step, when
+        there is sampling work and decoding's share of the engine's time is due."""
+        if (self._incoming or self._worker.sampling()) and time.monotonic() >= self._decode_due:
+            self._decode_step()
 
     def _run(self, cycle: list[Queued]) -> None:
         """Run a cycle: the requests that run alone first (each is its model's leading
@@ -275,7 +298,7 @@ class EngineLoop:
         cycle_id = next(self._cycles)
         started = time.monotonic()
         try:
-            outcomes = self._worker.forward_backward(works, self._decode_step)
+            outcomes = self._worker.forward_backward(works, self._pause)
         except Exception as exc:
             self._fail([item.request_id for item in packed], exc)
         else:

@@ -51,7 +51,13 @@ class Service:
         models: dict[str, ServedModel] = {}
         for entry in settings.models:
             worker = load_worker(entry, settings)
-            engine_loop = EngineLoop(worker, futures, settings.retry_window, settings.cycle_tokens)
+            engine_loop = EngineLoop(
+                worker,
+                futures,
+                settings.retry_window,
+                settings.cycle_tokens,
+                settings.decode_share,
+            )
             engine_loop.start()
             models[entry.name] = ServedModel(worker, engine_loop)
         sessions = Sessions(store)
