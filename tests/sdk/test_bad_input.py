@@ -196,3 +196,39 @@ def test_garbage_bodies_are_400_with_a_message(server: Server):
     response = http.post("/create_model", json={"session_id": "x"})
     assert response.status_code == 422 and response.json()["detail"]
     assert http.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("run", ["..", ".", "..%2F..", "%2E%2E", "a b", "-x"])
+def test_run_ids_that_could_leave_the_checkpoint_folder_are_refused(server: Server, run: str):
+    """A run id of '..' (or anything not shaped like one) never reaches a path: folders
+    planted beside and above checkpoints/ survive every route that takes a run id."""
+    planted = [
+        server.data_dir / "weights" / "keep",
+        server.data_dir / "sampler_weights" / "keep",
+        server.data_dir.parent / "weights" / "keep",
+    ]
+    for folder in planted:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_config.json").write_text("{}")
+    http = httpx.Client(base_url=f"{server.url}/api/v1", headers={"X-API-Key": API_KEY})
+    for kind in ("weights", "sampler_weights"):
+        for method, suffix in (("DELETE", ""), ("POST", "/publish"), ("DELETE", "/publish")):
+            url = f"/training_runs/{run}/checkpoints/{kind}/keep{suffix}"
+            response = http.request(method, url)
+            assert 400 <= response.status_code < 500, (url, response.text)
+            assert response.json()["detail"]
+        for route, body in (
+            ("/weights_info", {"tinker_path": f"tinker://{run}/{kind}/keep"}),
+            ("/create_sampling_session", _sampling_body(f"tinker://{run}/{kind}/keep")),
+        ):
+            response = http.post(route, json=body)
+            assert 400 <= response.status_code < 500, (route, response.text)
+    client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    with pytest.raises(Exception, match=r"training run id|not found|no checkpoint"):
+        client.create_sampling_client(model_path=f"tinker://{run}/sampler_weights/keep").result()
+    for folder in planted:
+        assert (folder / "adapter_config.json").read_text() == "{}"
+
+
+def _sampling_body(path: str) -> dict:
+    return {"session_id": "x", "sampling_session_seq_id": 0, "model_path": path}

@@ -18,6 +18,8 @@ from treadle.service.store import CheckpointRow, Store
 PREFIX = "tinker://"
 KINDS = ("weights", "sampler_weights")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Model ids are SESSION:train:N; a letter or digit first, so no id is "." or "..".
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,255}$")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,14 @@ class CheckpointPath:
     model_id: str
     kind: str
     name: str
+
+    def __post_init__(self) -> None:
+        # Checked here, so no path is ever built from an unchecked part.
+        if not _MODEL_ID.match(self.model_id):
+            raise UserInputError(f"{self.model_id!r} is not a training run id")
+        if self.kind not in KINDS:
+            raise UserInputError(f"checkpoint kind {self.kind!r} must be one of {KINDS}")
+        _check_name(self.name)
 
     @property
     def tinker_path(self) -> str:
@@ -43,10 +53,10 @@ class CheckpointPath:
                 f"checkpoint path {path!r} must look like tinker://MODEL_ID/weights/NAME or"
                 " tinker://MODEL_ID/sampler_weights/NAME"
             )
-        return cls(parts[0], parts[1], check_name(parts[2]))
+        return cls(parts[0], parts[1], parts[2])
 
 
-def check_name(name: str) -> str:
+def _check_name(name: str) -> str:
     if not _NAME.match(name):
         raise UserInputError(
             f"checkpoint name {name!r} must be 1-128 letters, digits, '.', '_' or '-'"

@@ -22,7 +22,6 @@ from treadle.errors import Failure, NotFound, UserInputError, failure_of
 from treadle.service.auth import owned
 from treadle.service.checkpoints import (
     CheckpointPath,
-    check_name,
     own_checkpoint,
     readable_checkpoint,
 )
@@ -352,7 +351,7 @@ class Training:
         worker = self.models[run.base_model].worker
 
         def save() -> dict[str, str]:
-            path = CheckpointPath(model_id, "weights", check_name(name))
+            path = CheckpointPath(model_id, "weights", name)
             model = run.built()
             folder = self._writable(path, overwrite)
             self._check_disk_quota(user)
@@ -379,7 +378,7 @@ class Training:
                 raise UserInputError(
                     "save_weights_for_sampler needs a path (name) or a sampling_session_seq_id"
                 )
-            path = CheckpointPath(model_id, "sampler_weights", check_name(name)) if name else None
+            path = CheckpointPath(model_id, "sampler_weights", name) if name else None
             snapshot: Adapter = worker.snapshot(run.built())
             if path is not None:
                 folder = self._writable(path, overwrite=True)
