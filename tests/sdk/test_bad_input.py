@@ -3,7 +3,10 @@ and the model's state is untouched (same logprobs, no gradient accumulated)."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -232,3 +235,85 @@ def test_run_ids_that_could_leave_the_checkpoint_folder_are_refused(server: Serv
 
 def _sampling_body(path: str) -> dict:
     return {"session_id": "x", "sampling_session_seq_id": 0, "model_path": path}
+
+
+def _tensor_cases() -> dict[str, Callable[[Any], None]]:
+    """Well-formed ForwardBackwardRequest protobufs whose tensors are not."""
+
+    def datum(msg: Any) -> Any:
+        return msg.data[0]
+
+    def targets(msg: Any) -> Any:
+        return datum(msg).loss_fn_inputs["target_tokens"]
+
+    def sparse(msg: Any, crow: list[int], shape: list[int]) -> None:
+        tensor = targets(msg)
+        tensor.ClearField("shape")
+        tensor.shape.extend(shape)
+        tensor.sparse_csr.values = np.array([5], "<i8").tobytes()
+        tensor.sparse_csr.crow_indices = np.array(crow, "<i8").tobytes()
+        tensor.sparse_csr.col_indices = np.array([0], "<i8").tobytes()
+
+    return {
+        "token bytes not a multiple of 4": lambda m: setattr(
+            datum(m).model_input[0].encoded_text, "tokens", b"\x01\x02\x03"
+        ),
+        "tensor bytes not a multiple of 8": lambda m: setattr(targets(m), "dense", b"\x01" * 9),
+        "decreasing row pointers": lambda m: sparse(m, [0, 1, 0, 1], [3, 2]),
+        "sparse shape [1, 10**12]": lambda m: sparse(m, [0, 1], [1, 10**12]),
+        "negative dense shape": lambda m: targets(m).shape.extend([-1, -5]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_tensor_cases()))
+def test_malformed_tensors_fail_in_their_turn_and_the_next_request_runs(server: Server, case: str):
+    """A 200 with a future that fails as a user error (never a 500), and the request still
+    uses up its seq_id: the model's next request runs."""
+    from tinker.proto import tinker_public_pb2 as pb
+
+    from tests.sdk.test_ordering import Raw, _fwdbwd_body
+
+    client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    model_id = client.create_lora_training_client(base_model=QWEN, rank=4).result().model_id
+    raw = Raw(server)
+    msg = pb.ForwardBackwardRequest()
+    msg.ParseFromString(_fwdbwd_body(model_id, 1, [1, 2, 3, 4]))
+    _tensor_cases()[case](msg)
+    failure = raw.result(raw.fwdbwd_body(msg.SerializeToString()))
+    assert failure["category"] == "user" and failure["error"], failure
+    after = raw.result(raw.fwdbwd(model_id, 2, [1, 2, 3, 4]))
+    assert after["metrics"]["loss:sum"] > 0, after
+    client.close("success")
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda d: d["loss_fn_inputs"].__setitem__("target_tokens", [1, 2, 3]),
+        lambda d: d["model_input"].__setitem__("chunks", [[1, 2, 3]]),
+        lambda d: d["model_input"]["chunks"][0].__setitem__("tokens", [2**63, 1, 2]),
+    ],
+    ids=["tensor as a list", "chunk as a list", "token of 2**63"],
+)
+def test_malformed_json_datums_fail_in_their_turn(server: Server, mangle):
+    from tests.sdk.test_ordering import Raw
+
+    client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    model_id = client.create_lora_training_client(base_model=QWEN, rank=4).result().model_id
+    raw = Raw(server)
+    good = {
+        "model_input": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+        "loss_fn_inputs": {"target_tokens": {"data": [2, 3, 4], "dtype": "int64", "shape": [3]}},
+    }
+    bad = json.loads(json.dumps(good))
+    mangle(bad)
+    for seq_id, datum in ((1, bad), (2, good)):
+        body = {"model_id": model_id, "seq_id": seq_id, "forward_input": {"data": [datum]}}
+        response = raw.http.post("/forward", json=body)
+        assert response.status_code == 200, response.text
+        answer = raw.result(response.json()["request_id"])
+        if datum is bad:
+            assert answer["category"] == "user" and "malformed" in answer["error"], answer
+        else:
+            assert answer["metrics"]["loss:sum"] > 0, answer
+    client.close("success")

@@ -55,6 +55,15 @@ MAX_BODY_BYTES = 512 * 1024 * 1024
 _INT_KEYS = frozenset({"target_tokens"})
 
 
+# What numpy raises on data that is well-formed protobuf or JSON but not a valid tensor
+# (a byte length that is no multiple of the dtype's, a list where an object belongs, an
+# int past int64, a shape too large to hold): a problem of the request, never the server.
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, OverflowError, MemoryError)
+# Elements one sparse tensor may expand to (the dense N x K targets the losses read): far
+# above what a 32k-token datum with top-k targets needs, far below what a machine holds.
+MAX_TENSOR_ELEMENTS = 1 << 24
+
+
 @dataclass
 class ForwardBackwardCall:
     model_id: str
@@ -93,6 +102,8 @@ def decode_forward_backward_proto(body: bytes, content_encoding: str | None) -> 
         call.data = [_proto_datum(i, d) for i, d in enumerate(msg.data)]
     except UserInputError as exc:
         call.problem = str(exc)
+    except _MALFORMED as exc:
+        call.problem = f"malformed datum in forward_backward_input: {exc!r}"
     return call
 
 
@@ -149,8 +160,18 @@ def _tensor(
         if len(shape) != 2:
             raise UserInputError(f"{where} is sparse CSR but its shape {shape} is not 2-D")
         rows, cols = shape
+        if rows < 0 or cols < 0 or rows * cols > MAX_TENSOR_ELEMENTS:
+            raise UserInputError(
+                f"{where}: sparse shape {shape} would hold {rows * cols} elements; at most"
+                f" {MAX_TENSOR_ELEMENTS} are accepted"
+            )
         if crow.shape[0] != rows + 1 or col.shape[0] != values.shape[0]:
             raise UserInputError(f"{where}: CSR indices do not match its values and shape")
+        if crow[0] != 0 or crow[-1] != values.shape[0] or np.any(np.diff(crow) < 0):
+            raise UserInputError(
+                f"{where}: CSR row pointers must start at 0, never decrease and end at the"
+                " number of values"
+            )
         if col.size and (col.min() < 0 or col.max() >= cols):
             raise UserInputError(f"{where}: CSR column index out of range for shape {shape}")
         dense = np.zeros((rows, cols), dtype=dtype)
@@ -186,13 +207,13 @@ def decode_forward_backward_json(body: Mapping[str, Any], input_key: str) -> For
             forward_only=input_key == "forward_input",
         )
         datums = call_input["data"]
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+    except _MALFORMED as exc:
         raise UserInputError(f"malformed {input_key} body: {exc!r}") from exc
     try:
         call.data = [_json_datum(i, d) for i, d in enumerate(datums)]
     except UserInputError as exc:
         call.problem = str(exc)
-    except (KeyError, TypeError, ValueError) as exc:
+    except _MALFORMED as exc:
         call.problem = f"malformed datum in {input_key}: {exc!r}"
     return call
 
