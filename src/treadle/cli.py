@@ -51,6 +51,13 @@ _LIMITS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "share of the engine's time decoding gets while training waits too (in (0, 1]; 1:"
         " sampling first); training pauses between layers for it",
     ),
+    ("--max-body-bytes", "max_body_bytes", int, "bytes of one request body, as sent"),
+    (
+        "--max-decompressed-bytes",
+        "max_decompressed_bytes",
+        int,
+        "bytes a compressed request body may expand to",
+    ),
     ("--max-lora-rank", "max_lora_rank", int, "largest LoRA rank create_model accepts"),
     (
         "--sampler-max-batch",

@@ -62,6 +62,10 @@ class Settings:
     # Tokens of forward/backward work one training cycle takes, shared fairly among the
     # users with work queued; decoding runs between the cycle's passes.
     cycle_tokens: int = 8192
+    # Request bodies: the SDK sends forward_backward in chunks of at most 5 MB; old SDKs'
+    # JSON is a few times larger. A zstd body may expand to max_decompressed_bytes.
+    max_body_bytes: int = 64 << 20
+    max_decompressed_bytes: int = 512 << 20
     # The share of the engine's time decoding gets while training waits too: a training
     # cycle pauses for a decode step between its layers whenever it is due. 0.5 makes
     # both take about twice as long as alone under full load of each; 1 gives sampling

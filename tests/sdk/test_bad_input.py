@@ -317,3 +317,55 @@ def test_malformed_json_datums_fail_in_their_turn(server: Server, mangle):
         else:
             assert answer["metrics"]["loss:sum"] > 0, answer
     client.close("success")
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory, tiny_models):
+    data_dir = tmp_path_factory.mktemp("capped") / "treadle"
+    args = ["--max-body-bytes", "1000000", "--max-decompressed-bytes", "2000000"]
+    server = Server({QWEN: tiny_models[QWEN]}, data_dir, args)
+    yield server
+    server.stop()
+
+
+def test_bodies_past_the_caps_are_refused_while_they_stream(capped: Server):
+    """A declared length past the cap, a chunked body that keeps coming, and a 20 KB zstd
+    body that would expand to 600 MB: each refused with a JSON body naming its cap, and
+    the server still trains."""
+    import zstandard
+
+    from tests.sdk.test_ordering import Raw, _fwdbwd_body
+
+    raw = Raw(capped)
+    response = raw.http.post("/create_session", content=b"{" + b" " * 2_000_000 + b"}")
+    assert response.status_code == 413 and "--max-body-bytes" in response.json()["detail"]
+
+    def chunks():
+        for _ in range(40):
+            yield b" " * 100_000
+
+    response = raw.http.post(
+        "/create_session", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413 and "--max-body-bytes" in response.json()["detail"]
+
+    client = tinker.ServiceClient(base_url=capped.url, api_key=API_KEY)
+    model_id = client.create_lora_training_client(base_model=QWEN, rank=4).result().model_id
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * 600_000_000)
+    assert len(bomb) < 100_000
+    response = raw.http.post(
+        "/forward_backward",
+        content=bomb,
+        headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"},
+    )
+    assert response.status_code == 400
+    assert "--max-decompressed-bytes" in response.json()["detail"]
+    small = zstandard.ZstdCompressor().compress(_fwdbwd_body(model_id, 1, [1, 2, 3, 4]))
+    response = raw.http.post(
+        "/forward_backward",
+        content=small,
+        headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"},
+    )
+    assert response.status_code == 200
+    assert raw.result(response.json()["request_id"])["metrics"]["loss:sum"] > 0
+    client.close("success")

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from treadle import __version__
 from treadle.errors import NotFound, UserInputError, message_of
+from treadle.server.body_limit import BodyLimit
 from treadle.server.routes import (
     checkpoints,
     client,
@@ -50,6 +51,7 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
     )
     for module in (client, sessions, training, sampling, checkpoints, futures, usage):
         app.include_router(module.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     # Permanent errors are 4xx with a JSON body: the SDK retries 5xx for minutes and
     # treats an empty 400 as a proxy glitch.

@@ -49,9 +49,6 @@ pb: Any = _sdk_protobuf()
 
 PROTOBUF = "application/x-protobuf"
 
-# Largest decompressed forward_backward body we accept; the SDK chunks at ~5 MB.
-MAX_BODY_BYTES = 512 * 1024 * 1024
-
 _INT_KEYS = frozenset({"target_tokens"})
 
 
@@ -76,12 +73,11 @@ class ForwardBackwardCall:
     problem: str | None = None
 
 
-def decode_forward_backward_proto(body: bytes, content_encoding: str | None) -> ForwardBackwardCall:
+def decode_forward_backward_proto(
+    body: bytes, content_encoding: str | None, max_bytes: int
+) -> ForwardBackwardCall:
     if content_encoding and "zstd" in content_encoding.lower():
-        try:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BODY_BYTES)
-        except zstandard.ZstdError as exc:
-            raise UserInputError(f"body is not valid zstd: {exc}") from exc
+        body = _unzstd(body, max_bytes)
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
@@ -105,6 +101,24 @@ def decode_forward_backward_proto(body: bytes, content_encoding: str | None) -> 
     except _MALFORMED as exc:
         call.problem = f"malformed datum in forward_backward_input: {exc!r}"
     return call
+
+
+def _unzstd(body: bytes, max_bytes: int) -> bytes:
+    """``body`` decompressed, a chunk at a time, refused once past ``max_bytes``: the
+    size a frame header declares is the sender's claim, not a bound."""
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(body) as reader:
+            while chunk := reader.read(1 << 20):
+                out += chunk
+                if len(out) > max_bytes:
+                    raise UserInputError(
+                        f"zstd body expands past the server's cap of {max_bytes} bytes"
+                        " (--max-decompressed-bytes); send less per request"
+                    )
+    except zstandard.ZstdError as exc:
+        raise UserInputError(f"body is not valid zstd: {exc}") from exc
+    return bytes(out)
 
 
 def _proto_datum(index: int, msg: pb.Datum) -> Datum:

@@ -94,7 +94,9 @@ async def get_info(body: ModelRequest, service: ServiceDep, user: UserDep) -> di
 async def forward_backward(request: Request, service: ServiceDep, user: UserDep) -> dict[str, str]:
     body = await request.body()
     if wire.PROTOBUF in request.headers.get("content-type", ""):
-        call = wire.decode_forward_backward_proto(body, request.headers.get("content-encoding"))
+        encoding = request.headers.get("content-encoding")
+        limit = service.settings.max_decompressed_bytes
+        call = wire.decode_forward_backward_proto(body, encoding, limit)
     else:
         call = wire.decode_forward_backward_json(_json(body), "forward_backward_input")
     return _submit(call, service, user)
