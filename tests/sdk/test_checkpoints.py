@@ -169,3 +169,30 @@ def test_create_from_state_reports_bad_input_like_create_model(service_client):
     with pytest.raises(tinker.RequestFailedError, match="rank must be between") as info:
         service_client.create_lora_training_client(base_model=QWEN, rank=0).result()
     assert info.value.category == "user"
+
+
+def test_start_up_removes_what_interrupted_saves_left(tmp_path: Path, tiny_models):
+    """A save writes a hidden staging folder and renames it when complete; one a crash
+    left behind is removed (and logged) at start-up, and the checkpoints beside it stay."""
+    data_dir = tmp_path / "treadle"
+    first = Server({QWEN: tiny_models[QWEN]}, data_dir)
+    client = tinker.ServiceClient(base_url=first.url, api_key=API_KEY)
+    tc = client.create_lora_training_client(base_model=QWEN, rank=4).result()
+    path = tc.save_state("kept").result().path
+    client.close("success")
+    first.stop()
+    kind_folder = data_dir / "checkpoints" / tc.model_id / "weights"
+    leftover = kind_folder / ".half.k2j4h"
+    leftover.mkdir()
+    (leftover / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+
+    second = Server({QWEN: tiny_models[QWEN]}, data_dir)
+    try:
+        assert not leftover.exists()
+        assert "half.k2j4h" in second.log() and "interrupted" in second.log()
+        client = tinker.ServiceClient(base_url=second.url, api_key=API_KEY)
+        restored = client.create_training_client_from_state(path).result()
+        assert restored.get_info().model_data.model_name == QWEN
+        client.close("success")
+    finally:
+        second.stop()

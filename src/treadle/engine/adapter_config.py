@@ -7,6 +7,7 @@ the worker that loads its tensors (:mod:`treadle.engine.checkpoint`).
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,18 @@ from treadle.errors import UserInputError
 from treadle.types import LoraSpec
 
 CONFIG_FILE = "adapter_config.json"
+
+
+def staging_folder(folder: Path) -> Path:
+    """A new hidden sibling of ``folder`` that a save writes into before renaming it to
+    ``folder`` (checkpoint names start with a letter or digit, so it is never one)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+
+
+def interrupted_saves(checkpoints: Path) -> list[Path]:
+    """Staging folders under ``checkpoints/RUN/KIND/`` that a crash left behind."""
+    return sorted(p for p in checkpoints.glob("*/*/.*") if p.is_dir())
 
 
 class CheckpointError(UserInputError):

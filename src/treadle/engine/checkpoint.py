@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from treadle.engine.adapter_config import CheckpointError, read_spec, write_config
+from treadle.engine.adapter_config import CheckpointError, read_spec, staging_folder, write_config
 from treadle.engine.families import Family
 from treadle.engine.lora import Adapter, LoraLinear, LoraPair
 
@@ -33,8 +32,7 @@ def save_adapter(
     """Write ``adapter`` (and the optimizer state, if given) as a PEFT folder, atomically:
     a crash never leaves a half-written checkpoint under ``folder``. Returns its size in
     bytes."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging = staging_folder(folder)
     try:
         tensors: dict[str, torch.Tensor] = {}
         for path, pair in adapter.pairs.items():

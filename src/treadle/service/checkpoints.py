@@ -7,13 +7,18 @@ state), ``tinker://{model_id}/sampler_weights/{name}`` a ``save_weights_for_samp
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from treadle.engine.adapter_config import interrupted_saves
 from treadle.errors import NotFound, UserInputError
 from treadle.service.auth import owned
 from treadle.service.store import CheckpointRow, Store
+
+log = logging.getLogger(__name__)
 
 PREFIX = "tinker://"
 KINDS = ("weights", "sampler_weights")
@@ -63,6 +68,14 @@ def _check_name(name: str) -> str:
             " (starting with a letter or digit)"
         )
     return name
+
+
+def remove_interrupted_saves(data_dir: Path) -> None:
+    """Delete what saves interrupted by a crash left (a save writes a staging folder and
+    renames it when complete, so these were never reported saved)."""
+    for leftover in interrupted_saves(data_dir / "checkpoints"):
+        shutil.rmtree(leftover, ignore_errors=True)
+        log.warning("removed %s: the staging folder of a save that was interrupted", leftover)
 
 
 def readable_checkpoint(store: Store, data_dir: Path, user: str, tinker_path: str) -> Path:

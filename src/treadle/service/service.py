@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from treadle.service.auth import Auth
+from treadle.service.checkpoints import remove_interrupted_saves
 from treadle.service.engine_loop import EngineLoop
 from treadle.service.futures import FutureStore
 from treadle.service.sampling import Sampling
@@ -46,6 +47,7 @@ class Service:
         """Load every served model (blocking: run it off the event loop) and start their
         engine loops."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        remove_interrupted_saves(settings.data_dir)
         store = Store(settings.db_path)
         futures = FutureStore(loop, settings.future_retention_seconds)
         models: dict[str, ServedModel] = {}
