@@ -120,6 +120,13 @@ _LIMITS: list[tuple[str, str, Callable[[str], Any], str]] = [
         " the SDK's 45 s read timeout",
     ),
     (
+        "--shutdown-seconds",
+        "shutdown_seconds",
+        float,
+        "on SIGTERM/SIGINT, how long running and queued work may take to finish before it"
+        " is failed",
+    ),
+    (
         "--future-retention-seconds",
         "future_retention_seconds",
         float,
@@ -199,12 +206,11 @@ def settings_of(args: argparse.Namespace) -> Settings:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from treadle.engine.embedded import EmbeddedModelMissing
     from treadle.engine.models import ModelSourceError, resolve_folder
     from treadle.engine.worker import load_worker
     from treadle.server.app import create_app
+    from treadle.server.serving import run
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -220,14 +226,8 @@ def serve(args: argparse.Namespace) -> int:
     except (ModelSourceError, EmbeddedModelMissing) as exc:
         print(f"treadle serve: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        create_app(settings, load_worker),
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level.lower(),
-        # Long-polls hold connections for up to 25 s; keep idle ones open a little longer.
-        timeout_keep_alive=30,
-    )
+    app = create_app(settings, load_worker)
+    run(app, settings.host, settings.port, args.log_level.lower(), settings.shutdown_seconds)
     return 0
 
 

@@ -87,6 +87,9 @@ class Settings:
     # A session whose client sent no heartbeat for this long (the SDK sends one every 10 s)
     # ends, as if it had finished: its models and samplers are unloaded.
     session_timeout_seconds: float = 300.0
+    # On SIGTERM/SIGINT: how long queued and running work may take to finish; whatever is
+    # left then fails with a server error (a second signal stops at once).
+    shutdown_seconds: float = 30.0
     # Per user; each keeps a 24 GB machine alive with several users at once (a rank-32
     # SmolLM2 adapter with its AdamW state is ~60 MB; queued tokens are held in memory).
     max_models_per_user: int = 32

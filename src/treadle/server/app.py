@@ -75,6 +75,10 @@ async def _housekeeping(service: Service) -> None:
         service.tick()
 
 
+# What a client may still do while the server shuts down: fetch answers, stay alive.
+_ANSWERS = ("/retrieve_future", "/session_heartbeat")
+
+
 async def _caller(request: Request) -> None:
     """Every route but ``healthz`` acts for the user whose key the request carries (the SDK
     sends it as ``X-API-Key``); a missing, unknown or revoked key is a 401 saying how to
@@ -82,6 +86,9 @@ async def _caller(request: Request) -> None:
     if request.url.path.endswith("/healthz"):
         return
     service: Service = request.app.state.service
+    if service.closing and request.method != "GET" and not request.url.path.endswith(_ANSWERS):
+        # 503: the SDK retries it (against this server's successor) instead of failing.
+        raise HTTPException(503, detail="treadle is shutting down; retry shortly")
     try:
         request.state.user = service.auth.user_of(request.headers.get("x-api-key"))
     except Unauthorized as exc:

@@ -73,6 +73,10 @@ class Rejected:
 Queued = Packable | Solo | Rejected
 
 
+class ShuttingDown(Exception):
+    """Raised inside a running cycle when the server stops before it ends."""
+
+
 class EngineLoop:
     """Ordering of a base model's requests plus the thread that executes them."""
 
@@ -104,6 +108,7 @@ class EngineLoop:
         self._training_per_decode = (1.0 - decode_share) / decode_share
         self._decode_due = 0.0  # when a training cycle next pauses for a decode step
         self._stopped = False
+        self._aborting = False
         self._thread = threading.Thread(target=self._loop, name=f"loop:{self.name}", daemon=True)
 
     def start(self) -> None:
@@ -266,9 +271,18 @@ class EngineLoop:
 
     def _pause(self) -> None:
         """Offered by a training cycle between passes and layers: a decode step, when
-        there is sampling work and decoding's share of the engine's time is due."""
+        there is sampling work and decoding's share of the engine's time is due. After
+        :meth:`abort`, it ends the cycle instead."""
+        if self._aborting:
+            raise ShuttingDown("the server shut down while this request was running")
         if (self._incoming or self._worker.sampling()) and time.monotonic() >= self._decode_due:
             self._decode_step()
+
+    def abort(self) -> None:
+        """Stop at the next layer of the running cycle and take nothing more (shutdown
+        past its deadline); the futures left are the caller's to answer."""
+        self._aborting = True
+        self.stop()
 
     def _run(self, cycle: list[Queued]) -> None:
         """Run a cycle: the requests that run alone first (each is its model's leading

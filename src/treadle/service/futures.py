@@ -22,6 +22,7 @@ class _Entry:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     value: Any = None
     finished_at: float | None = None
+    fetched: bool = False  # a poll has taken the answer
 
 
 class UnknownFuture(KeyError):
@@ -59,6 +60,26 @@ class FutureStore:
         entry.finished_at = time.monotonic()
         entry.done.set()
 
+    def pending(self) -> int:
+        """Requests not answered yet."""
+        return sum(not entry.done.is_set() for entry in list(self._entries.values()))
+
+    def unfetched(self) -> int:
+        """Answered requests whose answer no poll has taken yet."""
+        return sum(
+            entry.done.is_set() and not entry.fetched for entry in list(self._entries.values())
+        )
+
+    def fail_pending(self, failure: Any) -> None:
+        """Answer every request still pending with ``failure``. Safe from any thread."""
+
+        def fail_all() -> None:
+            for request_id, entry in list(self._entries.items()):
+                if not entry.done.is_set():
+                    self._set(request_id, failure)
+
+        self._loop.call_soon_threadsafe(fail_all)
+
     async def wait(self, request_id: str, user: str, timeout: float) -> tuple[bool, Any]:
         """``(True, result)`` once done, or ``(False, None)`` after ``timeout`` seconds.
         Another user's request is as unknown as one that never existed."""
@@ -69,6 +90,7 @@ class FutureStore:
             await asyncio.wait_for(entry.done.wait(), timeout)
         except TimeoutError:
             return False, None
+        entry.fetched = True
         return True, entry.value
 
     def _prune(self, now: float) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from treadle.errors import Failure
 from treadle.service.auth import Auth
 from treadle.service.checkpoints import remove_interrupted_saves
 from treadle.service.engine_loop import EngineLoop
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 # treadle.engine.worker.load_worker. Passed in, so this layer never imports torch.
 LoadWorker = Callable[[ModelEntry, Settings], Worker]
 
+# After a shutdown answered everything, how long clients have to fetch the answers.
+_FETCH_GRACE_SECONDS = 5.0
+
 
 @dataclass
 class Service:
@@ -39,6 +44,8 @@ class Service:
     models: dict[str, ServedModel]
     auth: Auth
     usage: Usage
+    closing: bool = False  # shutting down: new work is refused (see drain)
+    _stopped: bool = False
 
     @classmethod
     def start(
@@ -70,7 +77,35 @@ class Service:
             settings, store, futures, sessions, training, sampling, models, Auth(store), usage
         )
 
+    def drain(self, deadline: float) -> None:
+        """Shut down cleanly (SIGTERM/SIGINT; blocking): take no new work, let what is
+        queued and running finish within ``deadline`` seconds, answer everything still
+        pending after that with a server failure, give clients a moment to fetch their
+        answers. :meth:`stop` follows once the HTTP server has closed."""
+        self.closing = True
+        log.info("shutting down: finishing %d pending requests", self.futures.pending())
+        ends = time.monotonic() + deadline
+        while self.futures.pending() and time.monotonic() < ends:
+            time.sleep(0.05)
+        if self.futures.pending():
+            log.warning(
+                "shutdown deadline (%.0f s) passed: failing %d requests",
+                deadline,
+                self.futures.pending(),
+            )
+            for served in self.models.values():
+                served.loop.abort()
+            message = "the server shut down before this request finished; send it again"
+            self.futures.fail_pending(Failure(message, "server"))
+        # Long-polls return as soon as their answer is set; wait for them briefly.
+        fetch_until = time.monotonic() + _FETCH_GRACE_SECONDS
+        while self.futures.unfetched() and time.monotonic() < fetch_until:
+            time.sleep(0.05)
+
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         for served in self.models.values():
             served.loop.stop()
         self.usage.flush()
