@@ -73,6 +73,27 @@ _LIMITS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ),
     ("--max-num-samples", "max_num_samples", int, "num_samples one sample request may ask for"),
     (
+        "--max-sample-tokens",
+        "max_sample_tokens",
+        int,
+        "num_samples x (prompt + max_tokens) of one sample request (bounds its KV cache)",
+    ),
+    ("--max-stop-strings", "max_stop_strings", int, "stop strings one sample request may give"),
+    ("--max-stop-string-chars", "max_stop_string_chars", int, "characters of one stop string"),
+    (
+        "--max-datums-per-request",
+        "max_datums_per_request",
+        int,
+        "datums in one forward_backward request",
+    ),
+    (
+        "--max-metadata-bytes",
+        "max_metadata_bytes",
+        int,
+        "JSON bytes of a training run's user_metadata",
+    ),
+    ("--max-list-limit", "max_list_limit", int, "largest page a list route returns"),
+    (
         "--max-topk-prompt-logprobs",
         "max_topk_prompt_logprobs",
         int,

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from treadle.errors import UserInputError
+
+if TYPE_CHECKING:
+    from treadle.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,23 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class SampleLimits:
-    """Per-request caps (settings ``--max-num-samples``, ``--max-topk-prompt-logprobs``)."""
+    """Per-request caps, each a setting (``--max-num-samples`` and so on)."""
 
     max_num_samples: int = 128
     max_topk_prompt_logprobs: int = 64
+    max_sample_tokens: int = 1 << 17
+    max_stop_strings: int = 64
+    max_stop_string_chars: int = 256
+
+    @classmethod
+    def of(cls, settings: Settings) -> SampleLimits:
+        return cls(
+            settings.max_num_samples,
+            settings.max_topk_prompt_logprobs,
+            settings.max_sample_tokens,
+            settings.max_stop_strings,
+            settings.max_stop_string_chars,
+        )
 
 
 def check_sample(
@@ -89,6 +106,28 @@ def check_sample(
     if not 1 <= num_samples <= limits.max_num_samples:
         raise UserInputError(
             f"num_samples must be between 1 and {limits.max_num_samples}, got {num_samples}"
+        )
+    total = num_samples * (n + params.max_tokens)
+    if total > limits.max_sample_tokens:
+        raise UserInputError(
+            f"num_samples x (prompt + max_tokens) is {num_samples} x ({n} + {params.max_tokens})"
+            f" = {total} tokens; the server's cap is {limits.max_sample_tokens}"
+            " (--max-sample-tokens): ask for fewer samples or tokens per request"
+        )
+    if len(params.stop_strings) > limits.max_stop_strings:
+        raise UserInputError(
+            f"{len(params.stop_strings)} stop strings; at most {limits.max_stop_strings}"
+            " (--max-stop-strings)"
+        )
+    if any(len(stop) > limits.max_stop_string_chars for stop in params.stop_strings):
+        raise UserInputError(
+            f"a stop string is longer than {limits.max_stop_string_chars} characters"
+            " (--max-stop-string-chars)"
+        )
+    if len(params.stop_token_ids) > limits.max_stop_strings:
+        raise UserInputError(
+            f"{len(params.stop_token_ids)} stop token ids; at most {limits.max_stop_strings}"
+            " (--max-stop-strings)"
         )
     if not (math.isfinite(params.temperature) and params.temperature >= 0):
         raise UserInputError(f"temperature must be >= 0 (0 = greedy), got {params.temperature}")

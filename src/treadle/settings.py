@@ -77,6 +77,17 @@ class Settings:
     sampler_max_batch: int = 64
     sampler_max_prefill_tokens: int = 8192
     max_num_samples: int = 128
+    # num_samples x (prompt + max_tokens) of one sample request: its KV cache (SmolLM2:
+    # 45 KB per token in fp32, so the default is about 6 GB).
+    max_sample_tokens: int = 1 << 17
+    max_stop_strings: int = 64
+    max_stop_string_chars: int = 256
+    # Datums in one forward_backward request (the SDK sends chunks of at most 1024).
+    max_datums_per_request: int = 16384
+    # JSON bytes of a training run's user_metadata (it is sent with every run listing).
+    max_metadata_bytes: int = 64 << 10
+    # Largest page a list route (training runs, checkpoints, sessions) returns.
+    max_list_limit: int = 1000
     max_topk_prompt_logprobs: int = 64
     # Unnamed samplers (save_weights_and_get_sampling_client) kept per training model;
     # the cookbook samples a few steps off-policy at most.

@@ -369,3 +369,49 @@ def test_bodies_past_the_caps_are_refused_while_they_stream(capped: Server):
     assert response.status_code == 200
     assert raw.result(response.json()["request_id"])["metrics"]["loss:sum"] > 0
     client.close("success")
+
+
+def test_each_size_cap_names_itself(server: Server):
+    """Sizes a thousand times past what the SDK sends are refused before any work, each
+    with the cap's flag in the message."""
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    from tests.sdk.test_ordering import Raw
+
+    client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    sampler = client.create_sampling_client(base_model=QWEN).result()
+    prompt = types.ModelInput.from_ints([1, 2, 3])
+    many = types.SamplingParams(max_tokens=400, stop=[f"s{i}" for i in range(100_000)])
+    with pytest.raises(Exception, match="--max-stop-strings"):
+        sampler.sample(prompt, 1, many).result()
+    long = types.SamplingParams(max_tokens=4, stop=["x" * 10_000])
+    with pytest.raises(Exception, match="--max-stop-string-chars"):
+        sampler.sample(prompt, 1, long).result()
+
+    metadata = {"blob": "x" * 20_000_000}
+    with pytest.raises(Exception, match="--max-metadata-bytes"):
+        client.create_lora_training_client(base_model=QWEN, rank=4, user_metadata=metadata).result()
+
+    # The SDK splits big batches into requests of 1024 datums; a raw client need not.
+    tc = client.create_lora_training_client(base_model=QWEN, rank=4).result()
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(
+            data=[_datum([1, 2, 3])] * 20_000, loss_fn="cross_entropy"
+        ),
+        model_id=tc.model_id,
+        seq_id=1,
+    )
+    raw = Raw(server)
+    body = forward_backward_request_to_proto(request).SerializeToString()
+    failure = raw.result(raw.fwdbwd_body(body))
+    assert failure["category"] == "user" and "--max-datums-per-request" in failure["error"]
+    after = raw.result(raw.fwdbwd(tc.model_id, 2, [1, 2, 3]))
+    assert after["metrics"]["loss:sum"] > 0
+
+    http = httpx.Client(base_url=f"{server.url}/api/v1", headers={"X-API-Key": API_KEY})
+    for route in ("/training_runs", "/checkpoints", "/sessions"):
+        for query in ({"limit": 10**9}, {"limit": -1}, {"offset": -5}):
+            response = http.get(route, params=query)
+            assert response.status_code == 400, (route, query, response.text)
+            assert "--max-list-limit" in response.json()["detail"]
+    client.close("success")

@@ -67,3 +67,17 @@ def test_each_bad_field_is_named(prompt, params, message):
     with pytest.raises(UserInputError) as info:
         _check(params, prompt=prompt)
     assert message in str(info.value)
+
+
+def test_samples_times_tokens_and_stops_are_capped_by_settings():
+    limits = SampleLimits(max_sample_tokens=70, max_stop_strings=2, max_stop_string_chars=5)
+    _check(SamplingParams(7), num_samples=7, limits=limits)  # 7 x (3 + 7) = 70
+    with pytest.raises(UserInputError, match=r"7 x \(3 \+ 8\) = 77 tokens.*--max-sample-tokens"):
+        _check(SamplingParams(8), num_samples=7, limits=limits)
+    _check(SamplingParams(4, stop_strings=("ab", "abcde")), limits=limits)
+    with pytest.raises(UserInputError, match="3 stop strings; at most 2"):
+        _check(SamplingParams(4, stop_strings=("a", "b", "c")), limits=limits)
+    with pytest.raises(UserInputError, match="longer than 5 characters"):
+        _check(SamplingParams(4, stop_strings=("abcdef",)), limits=limits)
+    with pytest.raises(UserInputError, match="3 stop token ids; at most 2"):
+        _check(SamplingParams(4, stop_token_ids=(1, 2, 3)), limits=limits)

@@ -172,7 +172,7 @@ def load_worker(entry: ModelEntry, settings: Settings) -> Worker:
     set_thin_matmul(settings.thin_matmul)
     dtype = getattr(torch, settings.dtype) if settings.dtype else None
     base = load_base_model(entry.name, entry.source, settings.data_dir, settings.device, dtype)
-    limits = SampleLimits(settings.max_num_samples, settings.max_topk_prompt_logprobs)
+    limits = SampleLimits.of(settings)
     return Worker(
         base,
         settings.max_tokens_per_pass,

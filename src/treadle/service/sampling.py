@@ -79,7 +79,7 @@ class Sampling:
         self._data_dir = settings.data_dir
         self._ephemeral_per_model = settings.ephemeral_samplers_per_model
         self._max_per_user = settings.max_samplers_per_user
-        self._limits = SampleLimits(settings.max_num_samples, settings.max_topk_prompt_logprobs)
+        self._limits = SampleLimits.of(settings)
         self._sessions: dict[str, SamplingSession] = {}
         # Named sampler checkpoints saved by live runs, sampled without reading disk.
         self._snapshots: dict[str, Adapter] = {}  # tinker path -> adapter

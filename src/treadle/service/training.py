@@ -9,6 +9,7 @@ request's turn, so a numbered request always takes its turn.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -128,6 +129,12 @@ class Training:
             served = self._check_create(base_model, rank, optimizer)
             if not any(flags):
                 raise UserInputError("set at least one of train_attn, train_mlp, train_unembed")
+            size = len(json.dumps(user_metadata))
+            if size > self._settings.max_metadata_bytes:
+                raise UserInputError(
+                    f"user_metadata is {size} bytes as JSON; at most"
+                    f" {self._settings.max_metadata_bytes} (--max-metadata-bytes)"
+                )
             spec = LoraSpec(
                 rank, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed
             )
@@ -282,6 +289,12 @@ class Training:
             if problem is not None:
                 return Rejected(request_id, Failure(problem))
             try:
+                cap = self._settings.max_datums_per_request
+                if len(data) > cap:
+                    raise UserInputError(
+                        f"{len(data)} datums in one request; at most {cap}"
+                        " (--max-datums-per-request): send them in several requests"
+                    )
                 loss = worker.check_forward_backward(data, loss_fn, dict(loss_fn_config))
                 self._queue_tokens(run, tokens)
             except UserInputError as exc:

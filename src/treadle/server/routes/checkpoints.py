@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict
 
-from treadle.server.deps import ServiceDep, UserDep
+from treadle.server.deps import ServiceDep, UserDep, page
 from treadle.service.checkpoints import CheckpointPath
 from treadle.service.store import CheckpointRow, TrainingRunRow
 
@@ -58,9 +58,9 @@ async def list_training_runs(
     service: ServiceDep, user: UserDep, limit: int = 20, offset: int = 0
 ) -> dict[str, Any]:
     rows = service.training.training_runs(user)
-    page = rows[offset : offset + limit]
+    shown = rows[page(service, limit, offset)]
     return {
-        "training_runs": [_run(r, service.training.checkpoints(user, r.model_id)) for r in page],
+        "training_runs": [_run(r, service.training.checkpoints(user, r.model_id)) for r in shown],
         "cursor": {"offset": offset, "limit": limit, "total_count": len(rows)},
     }
 
@@ -82,7 +82,7 @@ async def list_user_checkpoints(
 ) -> dict[str, Any]:
     rows = service.training.all_checkpoints(user)
     return {
-        "checkpoints": [_checkpoint(c) for c in rows[offset : offset + limit]],
+        "checkpoints": [_checkpoint(c) for c in rows[page(service, limit, offset)]],
         "cursor": {"offset": offset, "limit": limit, "total_count": len(rows)},
     }
 

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from treadle.server.deps import ServiceDep, UserDep
+from treadle.server.deps import ServiceDep, UserDep, page
 from treadle.service.sessions import SessionEnded
 
 router = APIRouter(prefix="/api/v1")
@@ -78,6 +78,7 @@ async def finish_session(
 async def list_sessions(
     service: ServiceDep, user: UserDep, limit: int = 20, offset: int = 0
 ) -> dict[str, Any]:
+    page(service, limit, offset)  # the store pages; this checks the bounds
     return {"sessions": service.sessions.list(user, limit, offset)}
 
 
