@@ -4,6 +4,7 @@ and training that resumes exactly where it stopped."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,22 @@ def test_start_up_removes_what_interrupted_saves_left(tmp_path: Path, tiny_model
         client.close("success")
     finally:
         second.stop()
+
+
+def test_checkpoints_lost_or_damaged_on_disk_are_not_listed(server: Server):
+    client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    tc = client.create_lora_training_client(base_model=QWEN, rank=4).result()
+    paths = {name: tc.save_state(name).result().path for name in ("whole", "lost", "torn")}
+    folder = server.data_dir / "checkpoints" / tc.model_id / "weights"
+    shutil.rmtree(folder / "lost")
+    (folder / "torn" / "adapter_model.safetensors").unlink()
+    rest = client.create_rest_client()
+    listed = {c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert listed == {paths["whole"]}
+    mine = {c.tinker_path for c in rest.list_user_checkpoints().result().checkpoints}
+    assert paths["whole"] in mine and not {paths["lost"], paths["torn"]} & mine
+    for name in ("lost", "torn"):
+        with pytest.raises(tinker.RequestFailedError) as info:
+            client.create_training_client_from_state(paths[name]).result()
+        assert info.value.category == "user"
+    client.close("success")

@@ -16,6 +16,13 @@ from treadle.errors import UserInputError
 from treadle.types import LoraSpec
 
 CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole saved adapter (a save renames its staging folder
+    into place only when complete; a folder lost or emptied since is not one)."""
+    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
 def staging_folder(folder: Path) -> Path:

@@ -12,11 +12,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from treadle.engine.adapter_config import CheckpointError, read_spec, staging_folder, write_config
+from treadle.engine.adapter_config import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    read_spec,
+    staging_folder,
+    write_config,
+)
 from treadle.engine.families import Family
 from treadle.engine.lora import Adapter, LoraLinear, LoraPair
 
-WEIGHTS_FILE = "adapter_model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 # PEFT prefixes every module path of the wrapped model with this.
 _PEFT_PREFIX = "base_model.model."

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from treadle.engine.adapter_config import read_spec
+from treadle.engine.adapter_config import complete, read_spec
 from treadle.errors import Failure, NotFound, UserInputError, failure_of
 from treadle.service.auth import owned
 from treadle.service.checkpoints import (
@@ -511,12 +511,21 @@ class Training:
         return row
 
     def checkpoints(self, user: str, run_id: str) -> list[CheckpointRow]:
-        """The checkpoints of one of ``user``'s runs."""
+        """The checkpoints of one of ``user``'s runs that are whole on disk."""
         self.training_run(user, run_id)
-        return self._store.checkpoints(run_id)
+        return self._on_disk(self._store.checkpoints(run_id))
 
     def all_checkpoints(self, user: str) -> list[CheckpointRow]:
-        return self._store.checkpoints_of(user)
+        return self._on_disk(self._store.checkpoints_of(user))
+
+    def _on_disk(self, rows: list[CheckpointRow]) -> list[CheckpointRow]:
+        """Rows whose folder is whole: one deleted or damaged behind treadle's back is not
+        listed (loading it is refused with a clear error anyway)."""
+        return [
+            row
+            for row in rows
+            if complete(CheckpointPath.parse(row.tinker_path).folder(self._data_dir))
+        ]
 
     def checkpoint_storage(self, user: str) -> list[tuple[str | None, int, int]]:
         """What ``user``'s checkpoints take on disk (the bytes the quota counts), by
