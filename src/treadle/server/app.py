@@ -59,6 +59,11 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
     async def user_error(request: Request, exc: UserInputError) -> JSONResponse:
         return JSONResponse({"detail": message_of(exc)}, status_code=400)
 
+    # FastAPI decodes a JSON body without checking it is UTF-8 first.
+    @app.exception_handler(UnicodeDecodeError)
+    async def not_utf8(request: Request, exc: UnicodeDecodeError) -> JSONResponse:
+        return JSONResponse({"detail": f"body is not UTF-8 JSON: {exc}"}, status_code=400)
+
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": message_of(exc)}, status_code=404)

@@ -113,8 +113,8 @@ async def forward(request: Request, service: ServiceDep, user: UserDep) -> dict[
 def _json(body: bytes) -> dict[str, Any]:
     try:
         parsed = json.loads(body)
-    except ValueError as exc:
-        raise UserInputError(f"body is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise UserInputError(f"body is not JSON: {exc!r}") from exc
     if not isinstance(parsed, dict):
         raise UserInputError("body must be a JSON object")
     return parsed
