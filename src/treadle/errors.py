@@ -23,6 +23,11 @@ class NotFound(LookupError):
     """An id the server does not know; the message says which and why."""
 
 
+class StorageFull(OSError):
+    """The data dir took no more (disk full, read-only): the server's condition, not the
+    request's fault; nothing was changed, and the same request works once there is room."""
+
+
 @dataclass(frozen=True)
 class Failure:
     """A request that failed; ``category`` is Tinker's: ``user`` (fix the input) or
@@ -41,5 +46,8 @@ def failure_of(exc: BaseException, where: str = "treadle") -> Failure:
     """The failure a request that raised ``exc`` reports; server faults are logged."""
     if isinstance(exc, UserInputError | NotFound):
         return Failure(message_of(exc), "user")
+    if isinstance(exc, StorageFull):
+        log.warning("%s: %s", where, exc)
+        return Failure(str(exc), "server")
     log.error("%s failed a request", where, exc_info=exc)
     return Failure(f"{where} error: {type(exc).__name__}: {exc}", "server")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from treadle.engine.adapter_config import (
@@ -21,6 +22,7 @@ from treadle.engine.adapter_config import (
 )
 from treadle.engine.families import Family
 from treadle.engine.lora import Adapter, LoraLinear, LoraPair
+from treadle.errors import StorageFull
 
 OPTIMIZER_FILE = "optimizer.pt"
 # PEFT prefixes every module path of the wrapped model with this.
@@ -50,6 +52,12 @@ def save_adapter(
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StorageFull(
+            f"could not write {folder.name}: {exc}; nothing was changed, save again once"
+            " the server's data dir has room"
+        ) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

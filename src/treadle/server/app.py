@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from treadle import __version__
-from treadle.errors import NotFound, UserInputError, message_of
+from treadle.errors import NotFound, StorageFull, UserInputError, message_of
 from treadle.server.body_limit import BodyLimit
 from treadle.server.routes import (
     checkpoints,
@@ -64,6 +64,10 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
     async def not_utf8(request: Request, exc: UnicodeDecodeError) -> JSONResponse:
         return JSONResponse({"detail": f"body is not UTF-8 JSON: {exc}"}, status_code=400)
 
+    @app.exception_handler(StorageFull)
+    async def storage_full(request: Request, exc: StorageFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=507)
+
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": message_of(exc)}, status_code=404)
@@ -77,7 +81,10 @@ async def _housekeeping(service: Service) -> None:
     period = min(5.0, service.settings.session_timeout_seconds / 4)
     while True:
         await asyncio.sleep(period)
-        service.tick()
+        try:
+            service.tick()
+        except StorageFull as exc:  # usage stays counted in memory until there is room
+            log.warning("housekeeping: %s", exc)
 
 
 # What a client may still do while the server shuts down: fetch answers, stay alive.

@@ -8,13 +8,17 @@ Keys are stored as SHA-256 hashes only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from treadle.errors import StorageFull
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -113,7 +117,7 @@ class Store:
             self._db.close()
 
     def _execute(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, _full_disk():
             return self._db.execute(sql, args).fetchall()
 
     def add_session(
@@ -183,10 +187,12 @@ class Store:
         )
 
     def touch_training_run(self, model_id: str) -> None:
-        self._execute(
-            "UPDATE training_runs SET last_request_time = ? WHERE model_id = ?",
-            (time.time(), model_id),
-        )
+        # Only a listing's "last request" time: on a full disk the request itself goes on.
+        with contextlib.suppress(StorageFull):
+            self._execute(
+                "UPDATE training_runs SET last_request_time = ? WHERE model_id = ?",
+                (time.time(), model_id),
+            )
 
     def training_run(self, model_id: str) -> TrainingRunRow | None:
         rows = self._execute(
@@ -202,7 +208,7 @@ class Store:
         return [_run_row(row) for row in rows]
 
     def add_usage(self, rows: list[UsageRow]) -> None:
-        with self._lock:
+        with self._lock, _full_disk():
             self._db.executemany(
                 "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (user, hour, base_model,"
                 " kind) DO UPDATE SET tokens = tokens + excluded.tokens",
@@ -315,6 +321,19 @@ class Store:
         )
         self._execute("DELETE FROM checkpoints WHERE tinker_path = ?", (tinker_path,))
         return found
+
+
+@contextlib.contextmanager
+def _full_disk() -> Iterator[None]:
+    """SQLite's "database or disk is full" (and I/O errors of a full or read-only disk) as
+    :class:`StorageFull`, which the HTTP layer answers with a clear 507."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        if "full" in text or "disk I/O" in text or "readonly" in text:
+            raise StorageFull(f"the server's data dir takes no more data ({text})") from exc
+        raise
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import collections
 import threading
 import time
 
+from treadle.errors import StorageFull
 from treadle.service.store import Store, UsageRow
 
 KINDS = ("prefill", "sampled", "trained", "forward")
@@ -36,8 +37,14 @@ class Usage:
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, collections.Counter()
-        if pending:
+        if not pending:
+            return
+        try:
             self._store.add_usage([UsageRow(*key, tokens) for key, tokens in pending.items()])
+        except StorageFull:
+            with self._lock:  # kept for the next flush, once the disk has room
+                self._pending.update(pending)
+            raise
 
     def of(self, user: str) -> list[UsageRow]:
         """``user``'s usage, hour by hour, including what is not written yet."""
