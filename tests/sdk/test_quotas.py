@@ -164,10 +164,12 @@ def test_memory_comes_back_when_a_session_of_50_models_ends(embedded_data_dir: P
         assert _until(
             lambda: http.post("/get_info", json={"model_id": last.model_id}).status_code == 404
         )
+        # The memory goes back off the event loop, a moment after the session ends.
+        returned = _until(lambda: _rss_mb(server.process.pid) < idle * 1.10, 20)
         after = _rss_mb(server.process.pid)
         print(f"RSS idle {idle:.0f} MB, with 50 models {full:.0f} MB, after {after:.0f} MB")
         assert full > idle + 500
-        assert after < idle * 1.10
+        assert returned, after
         _samplers_of_one_checkpoint_share_its_adapter(server, model, http)
     finally:
         server.stop()

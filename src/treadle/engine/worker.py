@@ -10,6 +10,7 @@ way beyond one process.)
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -68,7 +69,10 @@ class Worker:
 
     @staticmethod
     def release_memory() -> None:
-        """Return memory freed by dropped models and adapters to the OS."""
+        """Return memory freed by dropped models and adapters to the OS. A finished
+        sample's request and sequences refer to each other, so adapters they held are
+        only freed by the cycle collector: collect first, then trim."""
+        gc.collect()
         return_freed_memory()
 
     # -- training ---------------------------------------------------------------------

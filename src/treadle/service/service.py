@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from treadle.errors import Failure
@@ -31,6 +32,8 @@ LoadWorker = Callable[[ModelEntry, Settings], Worker]
 
 # After a shutdown answered everything, how long clients have to fetch the answers.
 _FETCH_GRACE_SECONDS = 5.0
+# Sessions that end within this long of each other share one memory release.
+_RELEASE_DELAY_SECONDS = 0.5
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Service:
     usage: Usage
     closing: bool = False  # shutting down: new work is refused (see drain)
     _stopped: bool = False
+    _releasing: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def start(
@@ -120,8 +124,23 @@ class Service:
         self.sessions.finish(session_id, reason)
         self.training.end_session(session_id)
         self.sampling.end_session(session_id)
-        if self.models:  # one process, one allocator: any worker can trim it
-            next(iter(self.models.values())).worker.release_memory()
+        self._release_memory_soon()
+
+    def _release_memory_soon(self) -> None:
+        """Return what the ended session held to the OS, off the event loop (a collection
+        and a trim of GBs take seconds) and once for sessions that end together."""
+        if not self.models or self._releasing.is_set():
+            return
+        self._releasing.set()
+        # One process, one allocator: any worker can trim it.
+        worker = next(iter(self.models.values())).worker
+
+        def release() -> None:
+            time.sleep(_RELEASE_DELAY_SECONDS)
+            self._releasing.clear()
+            worker.release_memory()
+
+        threading.Thread(target=release, name="release-memory", daemon=True).start()
 
     def tick(self) -> None:
         """Housekeeping every few seconds: silent sessions end, usage is written."""

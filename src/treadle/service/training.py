@@ -303,9 +303,10 @@ class Training:
             def build() -> Any:
                 with self._tokens_lock:  # on the engine loop; counted on the event loop
                     run.queued_tokens -= tokens  # running now
+                work = worker.work(run.built(), data, loss, forward_only)  # (may be gone)
                 kind = "forward" if forward_only else "trained"
                 self._usage.add(user, run.base_model, kind, tokens)
-                return worker.work(run.built(), data, loss, forward_only)
+                return work
 
             return Packable(request_id, build, user, tokens)
 
