@@ -58,6 +58,12 @@ _LIMITS: list[tuple[str, str, Callable[[str], Any], str]] = [
         int,
         "bytes a compressed request body may expand to",
     ),
+    (
+        "--max-tensor-elements",
+        "max_tensor_elements",
+        int,
+        "elements a sparse loss_fn_inputs tensor may expand to (N x K)",
+    ),
     ("--max-lora-rank", "max_lora_rank", int, "largest LoRA rank create_model accepts"),
     (
         "--sampler-max-batch",

@@ -66,6 +66,9 @@ class Settings:
     # JSON is a few times larger. A zstd body may expand to max_decompressed_bytes.
     max_body_bytes: int = 64 << 20
     max_decompressed_bytes: int = 512 << 20
+    # Elements one sparse loss_fn_inputs tensor may expand to (dense N x K targets): far
+    # above a 32k-token datum with top-64 targets, far below what a machine holds.
+    max_tensor_elements: int = 1 << 24
     # The share of the engine's time decoding gets while training waits too: a training
     # cycle pauses for a decode step between its layers whenever it is due. 0.5 makes
     # both take about twice as long as alone under full load of each; 1 gives sampling

@@ -14,7 +14,7 @@ from treadle.errors import UserInputError
 from treadle.server import wire
 
 pb = wire.pb
-CAP = 1 << 20
+LIMITS = wire.DecodeLimits(max_decompressed_bytes=1 << 20, max_tensor_elements=1 << 16)
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -25,12 +25,12 @@ def _check(call: wire.ForwardBackwardCall) -> None:
     for datum in call.data:
         assert datum.tokens.dtype == np.int64 and datum.tokens.ndim == 1
         for value in datum.inputs.values():
-            assert value.size <= wire.MAX_TENSOR_ELEMENTS
+            assert value.size <= LIMITS.max_tensor_elements
 
 
 def _decode_proto(body: bytes, encoding: str | None = None) -> None:
     try:
-        call = wire.decode_forward_backward_proto(body, encoding, CAP)
+        call = wire.decode_forward_backward_proto(body, encoding, LIMITS)
     except UserInputError:
         return
     _check(call)
@@ -143,7 +143,7 @@ datum_like = st.fixed_dictionaries(
 )
 def test_any_json_body(body: dict[str, Any]):
     try:
-        call = wire.decode_forward_backward_json(body, "forward_backward_input")
+        call = wire.decode_forward_backward_json(body, "forward_backward_input", LIMITS)
     except UserInputError:
         return
     _check(call)

@@ -41,6 +41,12 @@ def ensure_tuned_process(argv: list[str]) -> None:
     ``TREADLE_PROCESS_TUNED`` says to leave the process alone)."""
     if os.environ.get(_MARKER):
         return
+    os.execve(sys.executable, [sys.executable, "-m", "treadle", *argv], tuned_environment())
+
+
+def tuned_environment() -> dict[str, str]:
+    """This process's environment with the settings above, for a process to start with
+    (benchmarks start their in-process baselines this way, as the server runs)."""
     env = dict(os.environ)
     env[_MARKER] = "1"
     if platform.libc_ver()[0] == "glibc":
@@ -48,7 +54,7 @@ def ensure_tuned_process(argv: list[str]) -> None:
         env["GLIBC_TUNABLES"] = f"{existing}:{TUNABLES}" if existing else TUNABLES
     env[_COMPUTE_THREADS] = env.get("OMP_NUM_THREADS") or str(_usable_cores())
     env["OMP_NUM_THREADS"] = "1"
-    os.execve(sys.executable, [sys.executable, "-m", "treadle", *argv], env)
+    return env
 
 
 def _usable_cores() -> int:

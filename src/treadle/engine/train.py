@@ -203,9 +203,10 @@ def forward_backward(
 
 @contextlib.contextmanager
 def _pausing(base: BaseLM, pause: Callable[[], None] | None) -> Iterator[None]:
-    """Offer ``pause`` before each decoder layer's forward and after its backward.
+    """Offer ``pause`` before each decoder layer's forward and its MLP's, and after their
+    backward.
 
-    A pass over a few thousand tokens takes seconds; layer boundaries cut it into slices
+    A pass over a few thousand tokens takes seconds; these boundaries cut it into slices
     of tens of milliseconds. ``pause`` runs in an empty context (this pass's routing and
     packing must not reach the sampler's passes) and never inside itself (a prefill runs
     these layers too). Checkpointed passes (``pause`` None) offer none: their layers
@@ -234,8 +235,16 @@ def _pausing(base: BaseLM, pause: Callable[[], None] | None) -> Iterator[None]:
         if isinstance(hidden, Tensor) and hidden.requires_grad:
             hidden.register_hook(offer)  # runs once this layer's backward is done
 
+    # Each decoder layer, and its MLP half-way through it: slices short enough that a
+    # decode step gets close to its share even when a pass is thousands of tokens.
     layers = cast(Iterable[nn.Module], base.backbone.layers)
-    handles = [layer.register_forward_pre_hook(before_layer, with_kwargs=True) for layer in layers]
+    points = [
+        part
+        for layer in layers
+        for part in (layer, getattr(layer, "mlp", None))
+        if part is not None
+    ]
+    handles = [part.register_forward_pre_hook(before_layer, with_kwargs=True) for part in points]
     try:
         yield
     finally:

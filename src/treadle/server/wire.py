@@ -56,9 +56,15 @@ _INT_KEYS = frozenset({"target_tokens"})
 # (a byte length that is no multiple of the dtype's, a list where an object belongs, an
 # int past int64, a shape too large to hold): a problem of the request, never the server.
 _MALFORMED = (KeyError, TypeError, ValueError, AttributeError, OverflowError, MemoryError)
-# Elements one sparse tensor may expand to (the dense N x K targets the losses read): far
-# above what a 32k-token datum with top-k targets needs, far below what a machine holds.
-MAX_TENSOR_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Caps applied while decoding (settings ``--max-decompressed-bytes`` and
+    ``--max-tensor-elements``)."""
+
+    max_decompressed_bytes: int
+    max_tensor_elements: int
 
 
 @dataclass
@@ -74,10 +80,10 @@ class ForwardBackwardCall:
 
 
 def decode_forward_backward_proto(
-    body: bytes, content_encoding: str | None, max_bytes: int
+    body: bytes, content_encoding: str | None, limits: DecodeLimits
 ) -> ForwardBackwardCall:
     if content_encoding and "zstd" in content_encoding.lower():
-        body = _unzstd(body, max_bytes)
+        body = _unzstd(body, limits.max_decompressed_bytes)
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
@@ -95,7 +101,8 @@ def decode_forward_backward_proto(
         forward_only=msg.forward_only,
     )
     try:
-        call.data = [_proto_datum(i, d) for i, d in enumerate(msg.data)]
+        cap = limits.max_tensor_elements
+        call.data = [_proto_datum(i, d, cap) for i, d in enumerate(msg.data)]
     except UserInputError as exc:
         call.problem = str(exc)
     except _MALFORMED as exc:
@@ -121,7 +128,7 @@ def _unzstd(body: bytes, max_bytes: int) -> bytes:
     return bytes(out)
 
 
-def _proto_datum(index: int, msg: pb.Datum) -> Datum:
+def _proto_datum(index: int, msg: pb.Datum, cap: int) -> Datum:
     tokens: list[np.ndarray] = []
     for chunk in msg.model_input:
         kind = chunk.WhichOneof("chunk")
@@ -131,7 +138,7 @@ def _proto_datum(index: int, msg: pb.Datum) -> Datum:
                 " models, so send encoded_text chunks only"
             )
         tokens.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4"))
-    inputs = {key: _proto_tensor(index, key, t) for key, t in msg.loss_fn_inputs.items()}
+    inputs = {key: _proto_tensor(index, key, t, cap) for key, t in msg.loss_fn_inputs.items()}
     return Datum(_concat_tokens(tokens), inputs)
 
 
@@ -142,7 +149,7 @@ _PROTO_DTYPES: dict[int, np.dtype] = {
 }
 
 
-def _proto_tensor(index: int, key: str, msg: pb.Tensor) -> np.ndarray:
+def _proto_tensor(index: int, key: str, msg: pb.Tensor, cap: int) -> np.ndarray:
     if msg.dtype == pb.DTYPE_BFLOAT16:
         raw = msg.sparse_csr.values if msg.HasField("sparse_csr") else msg.dense
         widened = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
@@ -156,7 +163,7 @@ def _proto_tensor(index: int, key: str, msg: pb.Tensor) -> np.ndarray:
     if msg.HasField("sparse_csr"):
         crow = np.frombuffer(msg.sparse_csr.crow_indices, dtype="<i8")
         col = np.frombuffer(msg.sparse_csr.col_indices, dtype="<i8")
-    return _tensor(index, key, values, list(msg.shape), crow, col)
+    return _tensor(index, key, values, list(msg.shape), crow, col, cap)
 
 
 def _tensor(
@@ -166,6 +173,7 @@ def _tensor(
     shape: list[int],
     crow: np.ndarray | None,
     col: np.ndarray | None,
+    cap: int,
 ) -> np.ndarray:
     """A dense array of the dtype the losses use (int64 targets, float32 otherwise)."""
     dtype = np.int64 if key in _INT_KEYS else np.float32
@@ -174,10 +182,10 @@ def _tensor(
         if len(shape) != 2:
             raise UserInputError(f"{where} is sparse CSR but its shape {shape} is not 2-D")
         rows, cols = shape
-        if rows < 0 or cols < 0 or rows * cols > MAX_TENSOR_ELEMENTS:
+        if rows < 0 or cols < 0 or rows * cols > cap:
             raise UserInputError(
                 f"{where}: sparse shape {shape} would hold {rows * cols} elements; at most"
-                f" {MAX_TENSOR_ELEMENTS} are accepted"
+                f" {cap} (--max-tensor-elements)"
             )
         if crow.shape[0] != rows + 1 or col.shape[0] != values.shape[0]:
             raise UserInputError(f"{where}: CSR indices do not match its values and shape")
@@ -207,7 +215,9 @@ def _concat_tokens(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64)
 
 
-def decode_forward_backward_json(body: Mapping[str, Any], input_key: str) -> ForwardBackwardCall:
+def decode_forward_backward_json(
+    body: Mapping[str, Any], input_key: str, limits: DecodeLimits
+) -> ForwardBackwardCall:
     """SDKs up to 0.24: ``{"forward_backward_input"|"forward_input": {data, loss_fn,
     loss_fn_config}, "model_id", "seq_id"}``; tensors as ``{"data", "dtype", "shape"}``."""
     try:
@@ -224,7 +234,8 @@ def decode_forward_backward_json(body: Mapping[str, Any], input_key: str) -> For
     except _MALFORMED as exc:
         raise UserInputError(f"malformed {input_key} body: {exc!r}") from exc
     try:
-        call.data = [_json_datum(i, d) for i, d in enumerate(datums)]
+        cap = limits.max_tensor_elements
+        call.data = [_json_datum(i, d, cap) for i, d in enumerate(datums)]
     except UserInputError as exc:
         call.problem = str(exc)
     except _MALFORMED as exc:
@@ -232,7 +243,7 @@ def decode_forward_backward_json(body: Mapping[str, Any], input_key: str) -> For
     return call
 
 
-def _json_datum(index: int, datum: Mapping[str, Any]) -> Datum:
+def _json_datum(index: int, datum: Mapping[str, Any], cap: int) -> Datum:
     tokens: list[np.ndarray] = []
     for chunk in datum["model_input"]["chunks"]:
         kind = chunk.get("type", "encoded_text")
@@ -252,6 +263,7 @@ def _json_datum(index: int, datum: Mapping[str, Any]) -> Datum:
             list(tensor.get("shape") or []),
             None if crow is None else np.asarray(crow, dtype=np.int64),
             None if col is None else np.asarray(col, dtype=np.int64),
+            cap,
         )
     return Datum(_concat_tokens(tokens), inputs)
 

@@ -95,10 +95,12 @@ async def forward_backward(request: Request, service: ServiceDep, user: UserDep)
     body = await request.body()
     if wire.PROTOBUF in request.headers.get("content-type", ""):
         encoding = request.headers.get("content-encoding")
-        limit = service.settings.max_decompressed_bytes
-        call = wire.decode_forward_backward_proto(body, encoding, limit)
+        call = wire.decode_forward_backward_proto(body, encoding, _limits(service))
     else:
-        call = wire.decode_forward_backward_json(_json(body), "forward_backward_input")
+        body_json = _json(body)
+        call = wire.decode_forward_backward_json(
+            body_json, "forward_backward_input", _limits(service)
+        )
     return _submit(call, service, user)
 
 
@@ -106,8 +108,14 @@ async def forward_backward(request: Request, service: ServiceDep, user: UserDep)
 async def forward(request: Request, service: ServiceDep, user: UserDep) -> dict[str, str]:
     """``TrainingClient.forward`` of SDKs up to 0.24 (JSON); newer ones use
     ``forward_backward`` with ``forward_only``."""
-    call = wire.decode_forward_backward_json(_json(await request.body()), "forward_input")
+    body = _json(await request.body())
+    call = wire.decode_forward_backward_json(body, "forward_input", _limits(service))
     return _submit(call, service, user)
+
+
+def _limits(service: ServiceDep) -> wire.DecodeLimits:
+    settings = service.settings
+    return wire.DecodeLimits(settings.max_decompressed_bytes, settings.max_tensor_elements)
 
 
 def _json(body: bytes) -> dict[str, Any]:
