@@ -137,27 +137,45 @@ def fixed_cost(url: str, key: str, folder: Path, tokens: int, repeats: int) -> d
         sdk.append(time.perf_counter() - start)
     service.close("success")
 
-    # The same pass in this process, through the engine's seam, no server in between.
+    # The same pass through the engine's seam, no server in between, in a process started
+    # with the server's process settings (allocator tunables, compute threads).
+    from treadle.engine.process import tuned_environment
+
+    done = subprocess.run(
+        [sys.executable, __file__, "--role", "compute", "--tokens", str(tokens)]
+        + ["--folder", str(folder), "--repeats", str(repeats)],
+        env=tuned_environment(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    compute = json.loads(done.stdout.strip().splitlines()[-1])["times"]
+    sdk_s, compute_s = statistics.median(sdk[1:]), statistics.median(compute[1:])
+    return {"sdk_s": sdk_s, "compute_s": compute_s, "fixed_s": sdk_s - compute_s}
+
+
+def compute_role(folder: Path, tokens: int, repeats: int) -> None:
+    """The in-process half of :func:`fixed_cost`: prints the pass times as JSON."""
     from treadle.engine.worker import load_worker
     from treadle.settings import ModelEntry, Settings
     from treadle.types import Datum, LoraSpec
 
+    seq = sequences(1, tokens)[0]
     worker = load_worker(ModelEntry(MODEL, str(folder)), Settings())
     worker.claim_thread()
     model = worker.new_model(LoraSpec(rank=RANK), seed=0)
     engine_datum = Datum(np.array(seq[:-1]), {"target_tokens": np.array(seq[1:])})
     loss = worker.check_forward_backward([engine_datum], "cross_entropy", {})
-    compute = []
+    times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
         worker.forward_backward([worker.work(model, [engine_datum], loss, False)], lambda: None)
-        compute.append(time.perf_counter() - start)
-    sdk_s, compute_s = statistics.median(sdk[1:]), statistics.median(compute[1:])
-    return {"sdk_s": sdk_s, "compute_s": compute_s, "fixed_s": sdk_s - compute_s}
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"times": times}))
 
 
 def run(url: str, keys: list[str], ks: list[int], tokens: int, steps: int, folder: Path) -> None:
-    for k in ks:
+    for k in ks:  # (none with --skip-ks)
         row: dict[str, Any] = {"k": k, "tokens": tokens}
         row["concurrent_tok_s"] = round(concurrent(url, keys, k, tokens, steps), 1)
         row["sequential_tok_s"] = round(sequential(url, keys, k, tokens, steps), 1)
@@ -173,7 +191,7 @@ def measure(name: str, src: Path | None, args: argparse.Namespace, folder: Path)
     """Everything against one server, started from ``src`` (None: this checkout)."""
     import httpx
 
-    ks = [int(k) for k in args.ks.split(",")]
+    ks = [] if args.skip_ks else [int(k) for k in args.ks.split(",")]
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(src)
@@ -183,7 +201,7 @@ def measure(name: str, src: Path | None, args: argparse.Namespace, folder: Path)
         (data_dir / "models" / folder.name).symlink_to(folder)
         treadle = [sys.executable, "-m", "treadle"]
         keys = []
-        for k in range(max(ks)):
+        for k in range(max(ks, default=1)):
             made = subprocess.run(
                 [*treadle, "keys", "create", "--user", f"user{k}", "--data-dir", str(data_dir)],
                 capture_output=True,
@@ -191,7 +209,7 @@ def measure(name: str, src: Path | None, args: argparse.Namespace, folder: Path)
                 env=env,
             )
             if made.returncode != 0:  # code from before keys: one local user
-                keys = ["tml-local"] * max(ks)
+                keys = ["tml-local"] * max(ks, default=1)
                 break
             keys.append(made.stdout.strip().splitlines()[-1])
         emit(event="server", server=name, src=str(src or "this checkout"), users=len(set(keys)))
@@ -224,7 +242,14 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path.home() / ".treadle")
     parser.add_argument("--port", type=int, default=8734)
     parser.add_argument("--baseline-src", type=Path, default=None)
+    parser.add_argument("--role", choices=["main", "compute"], default="main")
+    parser.add_argument("--folder", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--skip-ks", action="store_true", help="measure the fixed cost only")
     args = parser.parse_args()
+    if args.role == "compute":
+        compute_role(args.folder, args.tokens, args.repeats)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from treadle.engine.embedded import embedded_model_folder
 
