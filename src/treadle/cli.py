@@ -100,6 +100,12 @@ _LIMITS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ),
     ("--max-list-limit", "max_list_limit", int, "largest page a list route returns"),
     (
+        "--max-name-chars",
+        "max_name_chars",
+        int,
+        "characters of a session's tags, project id and display name",
+    ),
+    (
         "--max-topk-prompt-logprobs",
         "max_topk_prompt_logprobs",
         int,

@@ -89,6 +89,8 @@ class Settings:
     max_datums_per_request: int = 16384
     # JSON bytes of a training run's user_metadata (it is sent with every run listing).
     max_metadata_bytes: int = 64 << 10
+    # Characters of a session's tags, project id, display name and SDK version.
+    max_name_chars: int = 256
     # Largest page a list route (training runs, checkpoints, sessions) returns.
     max_list_limit: int = 1000
     max_topk_prompt_logprobs: int = 64

@@ -460,3 +460,21 @@ def test_a_barrage_of_junk_on_every_route_gets_no_5xx(server: Server, victim):
             seen += 1
     assert seen > 100
     assert http.get("/api/v1/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("body", "flag"),
+    [
+        ({"tags": ["x" * 10_000]}, "--max-name-chars"),
+        ({"tags": [f"t{i}" for i in range(1000)]}, "at most 64"),
+        ({"project_id": "p" * 10_000}, "--max-name-chars"),
+        ({"display_name": "d" * 10_000}, "--max-name-chars"),
+        ({"sdk_version": "v" * 10_000}, "--max-name-chars"),
+        ({"user_metadata": {"blob": "x" * 1_000_000}}, "--max-metadata-bytes"),
+    ],
+)
+def test_sessions_refuse_oversized_names_and_metadata(server: Server, body: dict, flag: str):
+    http = httpx.Client(base_url=f"{server.url}/api/v1", headers={"X-API-Key": API_KEY})
+    response = http.post("/create_session", json=body)
+    assert response.status_code == 400 and flag in response.json()["detail"], response.text
+    assert http.post("/create_session", json={"tags": ["ok"]}).status_code == 200

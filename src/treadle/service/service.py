@@ -73,7 +73,7 @@ class Service:
             )
             engine_loop.start()
             models[entry.name] = ServedModel(worker, engine_loop)
-        sessions = Sessions(store)
+        sessions = Sessions(store, settings)
         usage = Usage(store)
         sampling = Sampling(models, futures, store, sessions, usage, settings)
         training = Training(models, futures, store, sessions, sampling, usage, settings)

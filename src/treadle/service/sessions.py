@@ -10,7 +10,11 @@ from typing import Any
 
 from treadle.errors import UserInputError
 from treadle.service.auth import owned
+from treadle.service.limits import check_metadata, check_names
 from treadle.service.store import Store
+from treadle.settings import Settings
+
+_MAX_TAGS = 64
 
 
 class SessionEnded(Exception):
@@ -18,8 +22,9 @@ class SessionEnded(Exception):
 
 
 class Sessions:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, settings: Settings) -> None:
         self._store = store
+        self._settings = settings
         # Heartbeats arrive every 10 s per client: kept in memory, not written to disk.
         self._heartbeats: dict[str, float] = {}
         self._owners: dict[str, str] = {}  # session id -> user, as the store has it
@@ -33,6 +38,16 @@ class Sessions:
         project_id: str | None,
         display_name: str | None,
     ) -> str:
+        settings = self._settings
+        check_metadata(user_metadata, settings.max_metadata_bytes)
+        check_names(
+            settings.max_name_chars,
+            _MAX_TAGS,
+            tags,
+            sdk_version=sdk_version,
+            project_id=project_id,
+            display_name=display_name,
+        )
         # 128 random bits: ids that cross the wire are never guessable.
         session_id = f"sess-{secrets.token_hex(16)}"
         self._store.add_session(

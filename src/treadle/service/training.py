@@ -9,7 +9,6 @@ request's turn, so a numbered request always takes its turn.
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -28,6 +27,7 @@ from treadle.service.checkpoints import (
 )
 from treadle.service.engine_loop import Packable, Queued, Rejected, Solo
 from treadle.service.futures import FutureStore
+from treadle.service.limits import check_metadata
 from treadle.service.sampling import Sampling, sampler_id
 from treadle.service.served import Adapter, ServedModel, TrainingModel, find_model
 from treadle.service.sessions import Sessions
@@ -129,12 +129,7 @@ class Training:
             served = self._check_create(base_model, rank, optimizer)
             if not any(flags):
                 raise UserInputError("set at least one of train_attn, train_mlp, train_unembed")
-            size = len(json.dumps(user_metadata))
-            if size > self._settings.max_metadata_bytes:
-                raise UserInputError(
-                    f"user_metadata is {size} bytes as JSON; at most"
-                    f" {self._settings.max_metadata_bytes} (--max-metadata-bytes)"
-                )
+            check_metadata(user_metadata, self._settings.max_metadata_bytes)
             spec = LoraSpec(
                 rank, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed
             )
