@@ -88,7 +88,8 @@ def test_a_full_disk_fails_saves_clearly_and_nothing_else(small_disk: Path, tiny
 
         # Something that must be recorded is refused with a 507 that says why.
         http = httpx.Client(base_url=f"{server.url}/api/v1", headers={"X-API-Key": API_KEY})
-        refused = http.post("/create_session", json={"tags": ["x" * 100_000]})
+        body = {"user_metadata": {"notes": "x" * 60_000}}  # within the metadata cap
+        refused = http.post("/create_session", json=body)
         assert refused.status_code == 507, refused.text
         assert "data dir" in refused.json()["detail"]
         filler.unlink()
