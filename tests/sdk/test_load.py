@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -25,6 +25,7 @@ from tinker import types
 
 from tests.fixtures.server import Server
 from tests.sdk.test_keys import _new_key
+from tests.sdk.test_quotas import _rss_mb, _until
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 VOCAB = 49152
@@ -37,22 +38,6 @@ def _datum(seed: int, length: int = 8) -> types.Datum:
         model_input=types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={"target_tokens": tokens[1:]},
     )
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def _until(check: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.25)
-    return False
 
 
 def _http(server: Server, key: str) -> httpx.Client:
