@@ -427,12 +427,52 @@ def _routes() -> list[tuple[str, str]]:
     return [(method.upper(), path) for path, ops in paths.items() for method in ops]
 
 
+def _step_and_sample(server: Server) -> dict[str, Any]:
+    """One seeded training step and one seeded sample from its weights: the numbers a
+    barrage of junk must not change."""
+    client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    tc = client.create_lora_training_client(base_model=QWEN, rank=4, seed=11).result()
+    fb = tc.forward_backward([_datum(PROBE, weights=[1.0] * N)], "cross_entropy").result()
+    step = tc.optim_step(types.AdamParams(learning_rate=0.05)).result()
+    after_step = _probe(tc)
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=5, stop=[])
+    sample = sampler.sample(types.ModelInput.from_ints(PROBE), 1, params).result()
+    client.close("success")
+    return {
+        "loss": fb.metrics["loss:sum"],
+        "logprobs": fb.loss_fn_outputs[0]["logprobs"].to_numpy().tolist(),
+        "grad_norm": step.metrics["grad_norm:mean"],
+        "tokens": sample.sequences[0].tokens,
+        "sampled_logprobs": sample.sequences[0].logprobs,
+        "after_step": after_step,
+    }
+
+
+_JUNK_HEADERS: list[dict[str, str | bytes]] = [
+    {},
+    {"Content-Encoding": "gzip"},
+    {"Content-Encoding": "zstd, zstd"},
+    {"Content-Encoding": "x" * 4000},
+    {"Content-Type": "application/x-protobuf; charset=\u00ff".encode("latin-1")},
+    {"Content-Type": b"\xff\xfejunk"},
+    {"Accept": "application/x-protobuf"},
+    {"Accept-Encoding": "zstd;q=nan"},
+    {"X-API-Key": "tml-" + "z" * 5000},
+    {"X-API-Key": b"\xe9\xff"},
+    {"X-Stainless-Retry-Count": "-1e309"},
+    {"Idempotency-Key": "\u00e9".encode("latin-1") * 100},
+]
+
+
 def test_a_barrage_of_junk_on_every_route_gets_no_5xx(server: Server, victim):
     """Random bodies, headers and path parameters on every route: 4xx (or a 2xx that
-    fails its future), never a 5xx; the server still serves, and the victim's numbers are
-    unchanged (checked when the module's victim fixture ends)."""
+    fails its future), never a 5xx. The server still serves, and a seeded training step
+    and sample give the same numbers after the barrage as before it (the victim's own
+    numbers are checked when the module's fixture ends)."""
     import random
 
+    before = _step_and_sample(server)
     rng = random.Random(0)
     http = httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60)
     junk_values = [None, -1, 2**63, 1e308, "", "x" * 1000, [], {}, [1, "a"], {"a": [None]}]
@@ -443,6 +483,7 @@ def test_a_barrage_of_junk_on_every_route_gets_no_5xx(server: Server, victim):
             for part in ("{session_id}", "{run_id}", "{kind}", "{name}", "{sampler_id}"):
                 url = url.replace(part, rng.choice(["..", "x", "%00", "a" * 300, "weights"]))
             kind = rng.randrange(4)
+            headers: dict[str, str | bytes]
             if kind == 0:
                 content, headers = bytes(rng.randrange(256) for _ in range(64)), {}
             elif kind == 1:
@@ -455,11 +496,50 @@ def test_a_barrage_of_junk_on_every_route_gets_no_5xx(server: Server, victim):
                 headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"}
             else:
                 content, headers = b"[" * 10_000, {"Content-Type": "application/json"}
-            response = http.request(method, url, content=content, headers=headers)
-            assert response.status_code < 500, (method, url, content[:80], response.text)
+            headers = {**headers, **rng.choice(_JUNK_HEADERS)}
+            params = rng.choice([{}, {"limit": "1e9"}, {"offset": "x"}, {"\u00e9": "\x00"}])
+            response = http.request(method, url, content=content, headers=headers, params=params)
+            assert response.status_code < 500, (method, url, headers, response.text)
+            assert response.headers["content-type"].startswith("application/json"), url
             seen += 1
     assert seen > 100
+    _framing_junk(server)
     assert http.get("/api/v1/healthz").json() == {"status": "ok"}
+    after = _step_and_sample(server)
+    np.testing.assert_array_equal(after.pop("after_step"), before.pop("after_step"))
+    assert after == before
+
+
+def _framing_junk(server: Server) -> None:
+    """HTTP framing no client library would send, over a raw socket: each gets a 4xx or
+    a closed connection, never a 5xx."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    cases = [
+        b"Content-Length: abc\r\n\r\n{}",
+        b"Content-Length: -5\r\n\r\n{}",
+        b"Content-Length: 99999999999999999999999\r\n\r\n{}",
+        b"Content-Length: 2\r\nContent-Length: 7\r\n\r\n{}",
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+        b"Content-Length: 100\r\n\r\n{}",  # and then the client goes away
+        b"X-Junk: \x00\xff\r\nContent-Length: 2\r\n\r\n{}",
+        b"Content-Length: 2\r\nContent-Encoding: \xff\r\n\r\n{}",
+    ]
+    for extra in cases:
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(
+                b"POST /api/v1/create_session HTTP/1.1\r\nHost: x\r\n"
+                b"X-API-Key: " + API_KEY.encode() + b"\r\n"
+                b"Content-Type: application/json\r\n" + extra
+            )
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        if answer:
+            status = int(answer.split(b" ", 2)[1])
+            assert 400 <= status < 500, (extra, answer[:300])
 
 
 @pytest.mark.parametrize(

@@ -99,3 +99,43 @@ def test_a_full_disk_fails_saves_clearly_and_nothing_else(small_disk: Path, tiny
         client.close("success")
     finally:
         server.stop()
+
+
+def test_a_read_only_data_dir_fails_saves_clearly_and_nothing_else(small_disk: Path, tiny_models):
+    """The checkpoint folder turns read-only under a running server (a read-only bind
+    mount over it, as a remount after a disk error would do): saves fail saying so, work
+    goes on, and saves work again once it is writable."""
+    server = Server({QWEN: tiny_models[QWEN]}, small_disk, ["--long-poll-seconds", "2"])
+    try:
+        client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        tc = client.create_lora_training_client(base_model=QWEN, rank=8).result()
+        data = [_datum([1, 2, 3, 4, 5, 6])]
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=0.05)).result()
+        before = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+
+        tc.save_state("first").result()  # (the checkpoint folder exists from the first save)
+        folder = str(small_disk / "checkpoints")
+        subprocess.run(["mount", "--bind", folder, folder], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", folder], check=True)
+        try:
+            for save in (lambda: tc.save_state("ro"), lambda: tc.save_weights_for_sampler("ro")):
+                with pytest.raises(tinker.RequestFailedError) as info:
+                    save().result()
+                assert "read-only" in str(info.value).lower(), str(info.value)
+                assert "save again once" in str(info.value)
+            assert tc.forward(data, "cross_entropy").result().metrics["loss:sum"] == before
+            tc.forward_backward(data, "cross_entropy").result()
+            tc.optim_step(types.AdamParams(learning_rate=0.05)).result()
+            http = httpx.Client(base_url=f"{server.url}/api/v1", headers={"X-API-Key": API_KEY})
+            assert http.get("/healthz").json() == {"status": "ok"}
+        finally:
+            subprocess.run(["umount", folder], check=True)
+        after = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+        assert after != before
+        path = tc.save_state("ro").result().path
+        restored = client.create_training_client_from_state(path).result()
+        assert restored.forward(data, "cross_entropy").result().metrics["loss:sum"] == after
+        client.close("success")
+    finally:
+        server.stop()

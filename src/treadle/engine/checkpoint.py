@@ -39,7 +39,10 @@ def save_adapter(
     """Write ``adapter`` (and the optimizer state, if given) as a PEFT folder, atomically:
     a crash never leaves a half-written checkpoint under ``folder``. Returns its size in
     bytes."""
-    staging = staging_folder(folder)
+    try:
+        staging = staging_folder(folder)
+    except OSError as exc:
+        raise _unwritable(folder, exc) from exc
     try:
         tensors: dict[str, torch.Tensor] = {}
         for path, pair in adapter.pairs.items():
@@ -54,14 +57,18 @@ def save_adapter(
         os.replace(staging, folder)
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise StorageFull(
-            f"could not write {folder.name}: {exc}; nothing was changed, save again once"
-            " the server's data dir has room"
-        ) from exc
+        raise _unwritable(folder, exc) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return sum(f.stat().st_size for f in folder.iterdir())
+
+
+def _unwritable(folder: Path, exc: Exception) -> StorageFull:
+    return StorageFull(
+        f"could not write {folder.name}: {exc}; nothing was changed, save again once"
+        " the server's data dir has room and is writable"
+    )
 
 
 def load_adapter(folder: Path, layers: dict[str, LoraLinear]) -> Adapter:
