@@ -1,7 +1,7 @@
 """Packing: K users training at once on one server, against the same work one after
 another and against one client sending it as one batch. Prints JSON lines.
 
-    .venv/bin/python benchmarks/packing.py [--ks 1,2,4,8] [--steps 6] [--tokens 32]
+    .venv/bin/python benchmarks/packing.py [--ks 1,2,4,8] [--steps 6] [--tokens 32] [--rounds 1]
 
 Starts ``treadle serve`` on the built-in model with one key per user; with
 ``--baseline-src DIR`` (the ``src`` folder of another checkout, e.g. a ``git worktree``
@@ -19,7 +19,8 @@ step: of wall time for ``concurrent`` (from when every user has warmed up), of t
 step times otherwise (model creation left out). ``fixed_cost``: the median time of a
 lone ``--tokens``-token ``forward_backward`` through the SDK minus the same pass computed
 in-process (the engine's ``Worker`` on the same weights): what a request costs besides
-compute.
+compute. This machine's speed drifts from minute to minute: ``--rounds 3`` measures the
+three ways of each K in turn three times and prints the median ratios.
 """
 
 from __future__ import annotations
@@ -174,15 +175,23 @@ def compute_role(folder: Path, tokens: int, repeats: int) -> None:
     print(json.dumps({"times": times}))
 
 
-def run(url: str, keys: list[str], ks: list[int], tokens: int, steps: int, folder: Path) -> None:
+def run(
+    url: str, keys: list[str], ks: list[int], tokens: int, steps: int, rounds: int, folder: Path
+) -> None:
     for k in ks:  # (none with --skip-ks)
-        row: dict[str, Any] = {"k": k, "tokens": tokens}
-        row["concurrent_tok_s"] = round(concurrent(url, keys, k, tokens, steps), 1)
-        row["sequential_tok_s"] = round(sequential(url, keys, k, tokens, steps), 1)
-        row["combined_tok_s"] = round(combined(url, keys, k, tokens, steps), 1)
-        row["vs_sequential"] = round(row["concurrent_tok_s"] / row["sequential_tok_s"], 2)
-        row["vs_combined"] = round(row["concurrent_tok_s"] / row["combined_tok_s"], 2)
-        emit(**row)
+        ratios: dict[str, list[float]] = {"vs_sequential": [], "vs_combined": []}
+        for index in range(rounds):
+            row: dict[str, Any] = {"k": k, "tokens": tokens, "round": index}
+            row["concurrent_tok_s"] = round(concurrent(url, keys, k, tokens, steps), 1)
+            row["sequential_tok_s"] = round(sequential(url, keys, k, tokens, steps), 1)
+            row["combined_tok_s"] = round(combined(url, keys, k, tokens, steps), 1)
+            row["vs_sequential"] = round(row["concurrent_tok_s"] / row["sequential_tok_s"], 2)
+            row["vs_combined"] = round(row["concurrent_tok_s"] / row["combined_tok_s"], 2)
+            emit(**row)
+            for name, values in ratios.items():
+                values.append(row[name])
+        if rounds > 1:
+            emit(k=k, event="median", **{n: statistics.median(v) for n, v in ratios.items()})
     cost = fixed_cost(url, keys[0], folder, tokens, repeats=8)
     emit(event="fixed_cost", tokens=tokens, **{k: round(v, 3) for k, v in cost.items()})
 
@@ -226,7 +235,7 @@ def measure(name: str, src: Path | None, args: argparse.Namespace, folder: Path)
                         break
                 except httpx.HTTPError:
                     time.sleep(0.5)
-            run(url, keys, ks, args.tokens, args.steps, folder)
+            run(url, keys, ks, args.tokens, args.steps, args.rounds, folder)
         finally:
             server.terminate()
             server.wait()
@@ -239,6 +248,9 @@ def main() -> None:
     parser.add_argument("--ks", default="1,2,4,8")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure each K this many times; prints medians"
+    )
     parser.add_argument("--data-dir", type=Path, default=Path.home() / ".treadle")
     parser.add_argument("--port", type=int, default=8734)
     parser.add_argument("--baseline-src", type=Path, default=None)
