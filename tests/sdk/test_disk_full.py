@@ -34,13 +34,14 @@ def small_disk(tmp_path: Path):
 
 def _fill(mount: Path) -> Path:
     filler = mount / "filler"
-    with filler.open("wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
-        except OSError:
-            pass
+    # Unbuffered: a buffered file would try to write its rest again when closed.
+    with filler.open("wb", buffering=0) as out:
+        for size in (65536, 4096, 1):  # to the last byte
+            try:
+                while True:
+                    out.write(b"\0" * size)
+            except OSError:
+                pass
     return filler
 
 
