@@ -1,4 +1,4 @@
-"""``treadle serve | demo | models | keys | usage`` — the one entry point. ``--help``
+"""``treadle serve | demo | models | keys | usage | adapters`` — the one entry point. ``--help``
 imports no torch: commands import what they need when they run."""
 
 from __future__ import annotations
@@ -165,6 +165,40 @@ _LIMITS: list[tuple[str, str, Callable[[str], Any], str]] = [
         float,
         "how long a finished request's result can still be fetched",
     ),
+    (
+        "--export-url-seconds",
+        "export_url_seconds",
+        float,
+        "how long a signed download URL of external weights (save_weights_external) stays valid",
+    ),
+    (
+        "--trace-spans-per-session",
+        "trace_spans_per_session",
+        int,
+        "spans (queue waits, passes, steps, samples) kept per session for"
+        " export_session_trace; the newest are kept",
+    ),
+    (
+        "--trace-sessions",
+        "trace_sessions",
+        int,
+        "sessions whose traces are kept (the most recently active)",
+    ),
+]
+
+# SDK features turned on through the client config: (flag, Settings field, help).
+_SWITCHES: list[tuple[str, str, str]] = [
+    (
+        "--sample-cancel",
+        "sample_cancel",
+        "abandoned sample futures send cancel_future; a sample still queued then never runs",
+    ),
+    (
+        "--sample-retrieve-futures",
+        "sample_retrieve_futures",
+        "sampling clients wait on one retrieve_futures long-poll per sampling session instead"
+        " of one retrieve_future per sample",
+    ),
 ]
 
 
@@ -219,6 +253,14 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
             default=getattr(defaults, name),
             help=f"{text} (default %(default)s)",
         )
+    for flag, name, text in _SWITCHES:
+        parser.add_argument(
+            flag,
+            dest=name,
+            action=argparse.BooleanOptionalAction,
+            default=getattr(defaults, name),
+            help=f"{text} (default {'on' if getattr(defaults, name) else 'off'})",
+        )
     parser.add_argument(
         "--log-level", default="info", help="debug, info, warning (default %(default)s)"
     )
@@ -235,6 +277,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
         dtype=args.dtype,
         thin_matmul=args.thin_matmul,
         **{name: getattr(args, name) for _, name, _, _ in _LIMITS},
+        **{name: getattr(args, name) for _, name, _ in _SWITCHES},
     )
 
 
@@ -351,6 +394,61 @@ def usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def adapters(args: argparse.Namespace) -> int:
+    """``treadle adapters import``: a PEFT LoRA folder becomes a checkpoint of a new
+    training run; its ``tinker://`` path is the last line printed."""
+    from treadle.engine.adapter_fit import check_fits
+    from treadle.engine.embedded import EmbeddedModelMissing
+    from treadle.engine.models import resolve_folder
+    from treadle.errors import StorageFull, UserInputError
+    from treadle.service.adapters import base_model_entry, import_adapter
+    from treadle.service.store import Store
+
+    def refuse(message: str) -> int:
+        print(f"treadle adapters import: {message}", file=sys.stderr)
+        return 2
+
+    db_path = Settings(data_dir=args.data_dir).db_path
+    if not db_path.is_file():
+        return refuse(
+            f"{args.data_dir} is no treadle data dir; give the server's --data-dir (or run"
+            " `treadle serve` on it once)"
+        )
+    store = Store(db_path)
+    try:
+        try:
+            base = base_model_entry(store, args.base_model)
+            model_folder = resolve_folder(base.source, args.data_dir)
+        except (ValueError, EmbeddedModelMissing) as exc:
+            served = ", ".join(store.served_models()) or "none yet"
+            return refuse(
+                f"--base-model {args.base_model!r}: {exc}. Give a name a server on this data"
+                f" dir served ({served}), or NAME=SOURCE as `treadle serve --model` takes it"
+            )
+        try:
+            path = import_adapter(
+                store,
+                args.data_dir,
+                args.folder,
+                base,
+                model_folder,
+                check_fits,
+                name=args.name,
+                user=args.user,
+                allow_other_base=args.allow_other_base,
+            )
+        except UserInputError as exc:
+            return refuse(str(exc))
+        except StorageFull as exc:
+            print(f"treadle adapters import: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        store.close()
+    print(f"imported {args.folder} for user {args.user} on base model {base.name}:")
+    print(path.tinker_path)
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from treadle.demo import run_demo
 
@@ -415,6 +513,45 @@ def build_parser() -> argparse.ArgumentParser:
     p_usage.add_argument("--user", help="only this user")
     p_usage.add_argument("--data-dir", type=Path, default=default_data_dir())
     p_usage.set_defaults(func=usage)
+    p_adapters = commands.add_parser("adapters", help="bring LoRA adapters made elsewhere in")
+    adapter_actions = p_adapters.add_subparsers(dest="action", required=True)
+    p_import = adapter_actions.add_parser(
+        "import",
+        help="register a PEFT LoRA folder as a training checkpoint (its tinker:// path is"
+        " the last line printed)",
+        description="Copy a PEFT LoRA adapter folder (adapter_config.json +"
+        " adapter_model.safetensors, as peft's save_pretrained writes it) into the data dir"
+        " as the `weights` checkpoint of a new training run of USER. Everything is checked"
+        " first; on any problem nothing is written and the exit code is 2. Works while the"
+        " server runs. create_training_client_from_state(PATH) continues training it (it"
+        " has no optimizer state, so the _with_optimizer variant refuses it);"
+        " create_sampling_client(model_path=PATH) samples it.",
+    )
+    p_import.add_argument("folder", type=Path, metavar="FOLDER", help="the PEFT adapter folder")
+    p_import.add_argument(
+        "--base-model",
+        required=True,
+        metavar="NAME",
+        help="the served base model it was trained on: a name a server on this data dir"
+        " served, or NAME=SOURCE as `treadle serve --model` takes it",
+    )
+    p_import.add_argument(
+        "--name", help="the checkpoint's name (default: FOLDER's name); one per user's imports"
+    )
+    p_import.add_argument(
+        "--user",
+        default="local",
+        help="who owns it: a user with an API key, or local (the default) on a data dir"
+        " without keys",
+    )
+    p_import.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="accept an adapter whose adapter_config.json names another base model (the same"
+        " weights under another name or folder); its shapes must still fit",
+    )
+    p_import.add_argument("--data-dir", type=Path, default=default_data_dir())
+    p_adapters.set_defaults(func=adapters)
     return parser
 
 

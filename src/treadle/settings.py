@@ -116,6 +116,18 @@ class Settings:
     long_poll_seconds: float = 25.0
     # Finished results are kept this long: the SDK may poll again after a transport error.
     future_retention_seconds: float = 3600.0
+    # How long a signed download URL of external weights stays valid.
+    export_url_seconds: float = 3600.0
+    # SDK features the server turns on through the client config; off by default, as on
+    # Tinker. An abandoned sample future sends cancel_future (a sample still queued then
+    # never runs).
+    sample_cancel: bool = False
+    # A SamplingClient waits on one retrieve_futures long-poll per sampling session
+    # instead of one retrieve_future per sample.
+    sample_retrieve_futures: bool = False
+    # export_session_trace: spans kept per session (the newest), and sessions kept.
+    trace_spans_per_session: int = 10000
+    trace_sessions: int = 64
 
     @property
     def db_path(self) -> Path:

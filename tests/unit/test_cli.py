@@ -143,3 +143,12 @@ def test_decode_share_reaches_the_settings():
 
     args = build_parser().parse_args(["serve", "--decode-share", "0.25"])
     assert settings_of(args).decode_share == 0.25
+
+
+def test_adapters_import_into_a_missing_data_dir_creates_nothing(tmp_path: Path):
+    missing = tmp_path / "not-a-data-dir"
+    done = _treadle(
+        "adapters", "import", str(tmp_path), "--base-model", "x", "--data-dir", str(missing)
+    )
+    assert done.returncode == 2 and "is no treadle data dir" in done.stderr
+    assert "Traceback" not in done.stderr and not missing.exists()

@@ -14,15 +14,19 @@ from treadle import __version__
 from treadle.errors import NotFound, StorageFull, UserInputError, message_of
 from treadle.server.body_limit import BodyLimit
 from treadle.server.routes import (
+    audit,
     checkpoints,
     client,
+    exports,
     futures,
     sampling,
     sessions,
+    trace,
     training,
     usage,
 )
 from treadle.service.auth import Unauthorized
+from treadle.service.exports import DOWNLOAD_PREFIX
 from treadle.service.service import LoadWorker, Service
 from treadle.settings import Settings
 
@@ -49,8 +53,10 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
     app = FastAPI(
         title="treadle", version=__version__, lifespan=lifespan, dependencies=[Depends(_caller)]
     )
-    for module in (client, sessions, training, sampling, checkpoints, futures, usage):
+    for module in (client, sessions, training, sampling, checkpoints, futures, usage, exports):
         app.include_router(module.router)
+    app.include_router(trace.router)
+    app.include_router(audit.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     # Permanent errors are 4xx with a JSON body: the SDK retries 5xx for minutes and
@@ -96,6 +102,10 @@ async def _caller(request: Request) -> None:
     sends it as ``X-API-Key``); a missing, unknown or revoked key is a 401 saying how to
     get one."""
     if request.url.path.endswith("/healthz"):
+        return
+    if request.url.path.startswith(DOWNLOAD_PREFIX):  # a signed URL: its signature is the grant
+        return
+    if request.url.path.startswith(trace.DOWNLOAD_PREFIX):  # its token is the grant
         return
     service: Service = request.app.state.service
     if service.closing and request.method != "GET" and not request.url.path.endswith(_ANSWERS):

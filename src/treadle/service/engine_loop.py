@@ -15,11 +15,18 @@ not served yet first, then whoever was served longest ago), so a user with a hug
 delays another's small request by about one cycle at most. Decoding goes on inside a
 cycle too: the passes pause between layers for a decode step whenever decoding's share
 of the time (``--decode-share``) is due. Nothing computes on the event loop.
+
+Samples wait here, not in the sampler, until the sampler has room for their sequences
+(``--sampler-max-batch``): a sample still waiting can be cancelled, and its queue wait
+ends where its decoding starts. Every request leaves two spans in its session's trace
+(:mod:`treadle.service.trace`): its queue wait and what it ran as, from timestamps taken
+once per request.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import threading
@@ -32,6 +39,7 @@ from treadle.errors import Failure, failure_of
 from treadle.service.futures import FutureStore
 from treadle.service.ordering import Ordering
 from treadle.service.served import Worker
+from treadle.service.trace import Span, Traces, session_of
 from treadle.types import ForwardBackwardResult
 
 log = logging.getLogger(__name__)
@@ -73,6 +81,19 @@ class Rejected:
 Queued = Packable | Solo | Rejected
 
 
+@dataclass(frozen=True)
+class QueuedSample:
+    """A sample request waiting for room in the sampler. ``start`` hands it to the worker
+    and must arrange for the callback it is given to be called (on the loop thread) when
+    the sample ends; ``track`` is its sampling session."""
+
+    request_id: str
+    track: str
+    sequences: int
+    start: Callable[[Callable[[], None]], None]
+    arrived: float
+
+
 class ShuttingDown(Exception):
     """Raised inside a running cycle when the server stops before it ends."""
 
@@ -87,16 +108,23 @@ class EngineLoop:
         retry_window: int,
         cycle_tokens: int,
         decode_share: float,
+        max_batch: int,
+        traces: Traces,
     ) -> None:
         self.name = worker.info.name
         self._worker = worker
         self._futures = futures
+        self._traces = traces
         self._lock = threading.Condition()
         self._ordering: Ordering[Queued] = Ordering(retry_window)
         self._ready: dict[str, collections.deque[Queued]] = collections.defaultdict(
             collections.deque
         )
-        self._incoming: list[Callable[[], None]] = []  # samples to hand to the worker
+        self._samples: collections.deque[QueuedSample] = collections.deque()
+        self._max_batch = max_batch
+        self._decoding = 0  # sequences handed to the worker and not finished (loop thread)
+        # Request id -> (when it arrived, its model), until it runs: its queue wait.
+        self._arrivals: dict[str, tuple[float, str]] = {}
         self._cycles = itertools.count(1)
         self._cycle_tokens = cycle_tokens
         self._turns: collections.deque[str] = collections.deque()  # users, next served first
@@ -128,6 +156,7 @@ class EngineLoop:
         ``seq_id`` returns the first submit's."""
 
         def checked(request_id: str) -> Queued:
+            self._arrivals[request_id] = (time.monotonic(), model_id)
             # A request whose checks break must still take its turn, or every later
             # request of its model would wait for the gap.
             try:
@@ -148,12 +177,44 @@ class EngineLoop:
         """Run ``fn`` on the loop thread outside any model's ordering."""
         return self.submit(user, model_id, None, lambda request_id: Solo(request_id, fn))
 
-    def sample(self, start: Callable[[], None]) -> None:
-        """Run ``start`` (which hands a sampling request to the worker) on the loop thread
-        before its next decode step."""
+    def sample(self, sample: QueuedSample) -> None:
+        """Queue a sample; the loop thread starts it at the first decode step with room
+        for its sequences (one alone always fits)."""
         with self._lock:
-            self._incoming.append(start)
+            self._samples.append(sample)
             self._lock.notify()
+
+    def cancel_sample(self, request_id: str) -> bool:
+        """Take a sample that has not started out of the queue (its future is the
+        caller's to answer); False if it is not waiting here."""
+        with self._lock:
+            for sample in self._samples:
+                if sample.request_id == request_id:
+                    self._samples.remove(sample)
+                    break
+            else:
+                return False
+        now = time.monotonic()
+        args = {"cancelled": True}
+        self._traces.record(Span("queue_wait", sample.track, request_id, sample.arrived, now, args))
+        return True
+
+    def queued_samples(self, session_id: str) -> list[Span]:
+        """The queue waits, so far, of ``session_id``'s samples that have not started."""
+        now = time.monotonic()
+        with self._lock:
+            waiting = [s for s in self._samples if session_of(s.track) == session_id]
+        return [
+            Span(
+                "queue_wait",
+                s.track,
+                s.request_id,
+                s.arrived,
+                now,
+                {"waiting": True, "sequences": s.sequences},
+            )
+            for s in waiting
+        ]
 
     def start_order(self, model_id: str, next_seq: int) -> None:
         with self._lock:
@@ -242,25 +303,35 @@ class EngineLoop:
                     if not pause:
                         cycle = self._take_cycle()
                         self._gather_until = None
-                    if cycle or self._incoming or self._worker.sampling():
+                    if cycle or self._samples or self._worker.sampling():
                         break  # (decode steps go on while a cycle gathers)
                     self._lock.wait(timeout=pause or None)
-                incoming, self._incoming = self._incoming, []
                 for model_id in [m for m, q in self._ready.items() if not q]:
                     del self._ready[model_id]
-            self._decode_step(incoming)
+            self._decode_step()
             if cycle:
                 self._run(cycle)
 
-    def _decode_step(self, incoming: list[Callable[[], None]] | None = None) -> None:
-        """Hand new samples to the worker, then advance every running one by a token
-        (admitting waiting ones with a prefill first)."""
-        if incoming is None:
-            with self._lock:
-                incoming, self._incoming = self._incoming, []
+    def _admit(self) -> list[QueuedSample]:
+        """Queued samples, in order, while their sequences fit the sampler's batch (one
+        alone always fits). Under the lock."""
+        admitted: list[QueuedSample] = []
+        room = self._max_batch - self._decoding
+        while self._samples and (self._samples[0].sequences <= room or room == self._max_batch):
+            sample = self._samples.popleft()
+            room -= sample.sequences
+            admitted.append(sample)
+        return admitted
+
+    def _decode_step(self) -> None:
+        """Hand the samples that fit to the worker, then advance every running one by a
+        token (admitting new ones with a prefill first)."""
+        with self._lock:
+            admitted = self._admit()
         started = time.monotonic()
-        for start in incoming:
-            start()
+        for sample in admitted:
+            self._decoding += sample.sequences
+            sample.start(functools.partial(self._sample_finished, sample, started))
         if self._worker.sampling():
             try:
                 self._worker.sample_step()
@@ -275,8 +346,21 @@ class EngineLoop:
         :meth:`abort`, it ends the cycle instead."""
         if self._aborting:
             raise ShuttingDown("the server shut down while this request was running")
-        if (self._incoming or self._worker.sampling()) and time.monotonic() >= self._decode_due:
+        if (self._samples or self._worker.sampling()) and time.monotonic() >= self._decode_due:
             self._decode_step()
+
+    def _sample_finished(self, sample: QueuedSample, started: float) -> None:
+        self._decoding -= sample.sequences
+        track, request_id = sample.track, sample.request_id
+        self._traces.record(Span("queue_wait", track, request_id, sample.arrived, started, {}))
+        args = {"sequences": sample.sequences}
+        self._traces.record(Span("sample", track, request_id, started, time.monotonic(), args))
+
+    def _trace(self, request_id: str, name: str, start: float, end: float, **args: Any) -> None:
+        """Record a request's queue wait (up to ``start``) and what it ran as."""
+        arrived, model_id = self._arrivals.pop(request_id, (start, ""))
+        self._traces.record(Span("queue_wait", model_id, request_id, arrived, start, {}))
+        self._traces.record(Span(name, model_id, request_id, start, end, args))
 
     def abort(self) -> None:
         """Stop at the next layer of the running cycle and take nothing more (shutdown
@@ -288,15 +372,21 @@ class EngineLoop:
         """Run a cycle: the requests that run alone first (each is its model's leading
         request, ahead of any of its model's packed work), then the packed passes."""
         for item in cycle:
+            started = time.monotonic()
             if isinstance(item, Rejected):
                 self._futures.resolve(item.request_id, item.failure)
+                self._trace(item.request_id, "rejected", started, started)
             elif isinstance(item, Solo):
                 try:
                     result = item.call()
                 except Exception as exc:
                     self._fail([item.request_id], exc)
+                    self._trace(item.request_id, "failed", started, time.monotonic())
                 else:
                     self._futures.resolve(item.request_id, result)
+                    # Named by what it answers: optim_step, save_weights, load_weights, …
+                    name = result.get("type", "request") if isinstance(result, dict) else "request"
+                    self._trace(item.request_id, name, started, time.monotonic())
         works: list[Any] = []
         packed: list[Packable] = []
         for item in cycle:
@@ -305,6 +395,8 @@ class EngineLoop:
                     works.append(item.build())
                 except Exception as exc:
                     self._fail([item.request_id], exc)
+                    now = time.monotonic()
+                    self._trace(item.request_id, "failed", now, now)
                 else:
                     packed.append(item)
         if not works:
@@ -315,12 +407,25 @@ class EngineLoop:
             outcomes = self._worker.forward_backward(works, self._pause)
         except Exception as exc:
             self._fail([item.request_id for item in packed], exc)
+            name = "failed"
         else:
             for item, outcome in zip(packed, outcomes, strict=True):
                 metrics = {"loss:sum": outcome.loss, "clock_cycle:unique": float(cycle_id)}
                 result = ForwardBackwardResult(outcome.logprobs, metrics)
                 self._futures.resolve(item.request_id, result)
-        self._last_pass = time.monotonic() - started
+            name = "forward_backward"
+        ended = time.monotonic()
+        self._last_pass = ended - started
+        for item in packed:
+            self._trace(
+                item.request_id,
+                name,
+                started,
+                ended,
+                cycle=cycle_id,
+                packed_requests=len(packed),
+                tokens=item.tokens,
+            )
 
     def _fail(self, request_ids: list[str], exc: Exception) -> None:
         failure = failure_of(exc, f"treadle engine ({self.name})")

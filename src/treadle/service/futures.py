@@ -5,15 +5,40 @@ Futures live in memory only — the hot path (submit, resolve, poll) touches no 
 Results are resolved from engine-loop threads and awaited on the event loop; a finished
 result is kept for ``retention`` seconds (a setting): the SDK may poll again after a
 transport error.
+
+A sample's future also belongs to a *channel*, its sampling session and clone: with
+``retrieve_futures`` the SDK long-polls a channel for its completions instead of polling
+each request. Completions carry a cursor (one counter for all channels, so a channel
+dropped when empty and made again never reuses one); a poll acknowledges everything up
+to the cursor it sends, and acknowledged completions are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from treadle.errors import Failure
+
+# A sampling session and the clone of its SamplingClient (``seq_id // 10**9``).
+Channel = tuple[str, int]
+# Unacknowledged completions kept per channel (a client that never polls the channel
+# loses the oldest; the SDK acknowledges each poll's completions with the next poll).
+_CHANNEL_EVENTS = 16384
+
+
+@dataclass
+class _Completions:
+    events: collections.OrderedDict[int, tuple[str, bool]] = field(
+        default_factory=collections.OrderedDict
+    )  # cursor -> (request id, failed)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # replaced once set
+    polls: int = 0  # long-polls waiting on it
 
 
 @dataclass
@@ -23,6 +48,7 @@ class _Entry:
     value: Any = None
     finished_at: float | None = None
     fetched: bool = False  # a poll has taken the answer
+    channel: Channel | None = None  # set for samples: see retrieve_futures
 
 
 class UnknownFuture(KeyError):
@@ -37,14 +63,17 @@ class FutureStore:
         self._retention = retention
         self._entries: dict[str, _Entry] = {}
         self._pruned_at = time.monotonic()
+        self._channels: dict[Channel, _Completions] = {}
+        self._cursors = itertools.count(1)
 
-    def create(self, user: str) -> str:
-        """A new request of ``user``'s; its id is 128 random bits."""
+    def create(self, user: str, channel: Channel | None = None) -> str:
+        """A new request of ``user``'s (of a sample: of ``channel``); its id is 128 random
+        bits."""
         now = time.monotonic()
         if now - self._pruned_at > 60:
             self._prune(now)
         request_id = f"req-{secrets.token_hex(16)}"
-        self._entries[request_id] = _Entry(user)
+        self._entries[request_id] = _Entry(user, channel=channel)
         return request_id
 
     def resolve(self, request_id: str, value: Any) -> None:
@@ -59,6 +88,13 @@ class FutureStore:
         entry.value = value
         entry.finished_at = time.monotonic()
         entry.done.set()
+        if entry.channel is not None:
+            completions = self._channels.setdefault(entry.channel, _Completions())
+            completions.events[next(self._cursors)] = (request_id, isinstance(value, Failure))
+            while len(completions.events) > _CHANNEL_EVENTS:
+                completions.events.popitem(last=False)
+            completions.arrived.set()
+            completions.arrived = asyncio.Event()
 
     def pending(self) -> int:
         """Requests not answered yet."""
@@ -93,6 +129,45 @@ class FutureStore:
         entry.fetched = True
         return True, entry.value
 
+    def state(self, request_id: str, user: str) -> bool:
+        """Whether ``user``'s request is done; another user's is unknown."""
+        entry = self._entries.get(request_id)
+        if entry is None or entry.user != user:
+            raise UnknownFuture(request_id)
+        return entry.done.is_set()
+
+    async def completions(
+        self,
+        channel: Channel,
+        user: str,
+        prev_cursor: int,
+        timeout: float,
+        retrieved: list[str],
+    ) -> tuple[list[tuple[str, bool]], int]:
+        """``retrieve_futures``: ``channel``'s completions after ``prev_cursor`` as
+        ``(request id, failed)``, and the cursor to send next; waits up to ``timeout``
+        seconds for one when there is none. Completions up to ``prev_cursor`` are
+        acknowledged, and ``retrieved`` results (of this user and channel) fetched: both
+        are dropped."""
+        for request_id in retrieved:
+            entry = self._entries.get(request_id)
+            if entry and entry.user == user and entry.channel == channel and entry.done.is_set():
+                del self._entries[request_id]
+        completions = self._channels.setdefault(channel, _Completions())
+        while completions.events and next(iter(completions.events)) <= prev_cursor:
+            completions.events.popitem(last=False)
+        if not completions.events and timeout > 0:
+            completions.polls += 1
+            try:
+                await asyncio.wait_for(completions.arrived.wait(), timeout)
+            except TimeoutError:
+                pass
+            finally:
+                completions.polls -= 1
+        events = [(c, e) for c, e in completions.events.items() if c > prev_cursor]
+        cursor = events[-1][0] if events else prev_cursor
+        return [event for _, event in events], cursor
+
     def _prune(self, now: float) -> None:
         self._pruned_at = now
         horizon = now - self._retention
@@ -103,3 +178,10 @@ class FutureStore:
         ]
         for request_id in stale:
             del self._entries[request_id]
+        # Completions nobody polls for go with their results; empty channels go too.
+        for channel, completions in list(self._channels.items()):
+            for cursor, (request_id, _) in list(completions.events.items()):
+                if request_id not in self._entries:
+                    del completions.events[cursor]
+            if not completions.events and not completions.polls:
+                del self._channels[channel]

@@ -10,18 +10,20 @@ then decoded on the base model's engine loop together with every other running r
 from __future__ import annotations
 
 import collections
+import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from treadle.engine.adapter_config import read_spec
-from treadle.errors import UserInputError, failure_of
+from treadle.errors import Failure, NotFound, UserInputError, failure_of
 from treadle.sampling_params import SampleLimits, SamplingParams, check_sample
 from treadle.service.auth import owned
 from treadle.service.checkpoints import readable_checkpoint
-from treadle.service.futures import FutureStore
+from treadle.service.engine_loop import QueuedSample
+from treadle.service.futures import Channel, FutureStore, UnknownFuture
 from treadle.service.served import Adapter, ServedModel, find_model
 from treadle.service.sessions import Sessions
 from treadle.service.store import Store
@@ -37,6 +39,7 @@ class SamplingSession:
     base_model: str
     adapter: Adapter | None  # the engine's frozen adapter; None samples the base model
     model_path: str | None
+    clones: int = 0  # clone ids handed out by join_sampling_session
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ class SampleCall:
 
 def sampler_id(session_id: str, sampling_session_seq_id: int) -> str:
     return f"{session_id}:sample:{sampling_session_seq_id}"
+
+
+# A SamplingClient rebuilt in another process (a *clone*) numbers its samples from
+# clone * 10**9; the clone id is the block.
+CLONE_BLOCK = 1_000_000_000
 
 
 class Sampling:
@@ -184,6 +192,15 @@ class Sampling:
             self._loaded[model_path] = adapter
         return SamplingSession(sampling_session_id, user, trained_on, adapter, model_path)
 
+    def samplers_of(self, user: str, session_id: str) -> list[str]:
+        """The live sampling sessions ``user`` made in client session ``session_id``."""
+        prefix = f"{session_id}:sample:"
+        return [
+            sampler
+            for sampler, session in self._sessions.items()
+            if sampler.startswith(prefix) and session.user == user
+        ]
+
     def session(self, user: str, sampling_session_id: str) -> SamplingSession:
         """One of ``user``'s sampling sessions; not found for anyone else's."""
         session = self._sessions.get(sampling_session_id)
@@ -207,21 +224,24 @@ class Sampling:
         if key in self._seen:
             return self._seen[key]
         served = self.model(session.base_model)
-        request_id = self._futures.create(user)
+        channel: Channel = (call.sampling_session_id, call.seq_id // CLONE_BLOCK)
+        request_id = self._futures.create(user, channel)
         self._seen[key] = request_id
         while len(self._seen) > self._seen_limit:
             self._seen.popitem(last=False)
 
-        def done(outcome: SampleResult | BaseException) -> None:
-            if isinstance(outcome, BaseException):
-                self._futures.resolve(request_id, failure_of(outcome, "treadle sampler"))
-                return
-            self._usage.add(user, session.base_model, "prefill", int(call.prompt.shape[0]))
-            sampled = sum(len(sequence.tokens) for sequence in outcome.sequences)
-            self._usage.add(user, session.base_model, "sampled", sampled)
-            self._futures.resolve(request_id, outcome)
+        def start(finished: Callable[[], None]) -> None:
+            def done(outcome: SampleResult | BaseException) -> None:
+                finished()
+                if isinstance(outcome, BaseException):
+                    self._futures.resolve(request_id, failure_of(outcome, "treadle sampler"))
+                    return
+                prompt = int(call.prompt.shape[0])
+                self._usage.add(user, session.base_model, "prefill", prompt)
+                sampled = sum(len(sequence.tokens) for sequence in outcome.sequences)
+                self._usage.add(user, session.base_model, "sampled", sampled)
+                self._futures.resolve(request_id, outcome)
 
-        def start() -> None:
             served.worker.add_sample(
                 call.prompt,
                 call.num_samples,
@@ -232,8 +252,40 @@ class Sampling:
                 done,
             )
 
-        served.loop.sample(start)
+        queued = QueuedSample(
+            request_id, call.sampling_session_id, call.num_samples, start, time.monotonic()
+        )
+        served.loop.sample(queued)
         return request_id
+
+    def cancel(self, user: str, request_id: str) -> tuple[bool, str]:
+        """``cancel_future``: ``(True, message)`` if ``user``'s sample had not started and
+        now never will (its future fails); ``(False, why not)`` if it started or finished.
+        Another user's request, like an unknown one, is not found."""
+        try:
+            finished = self._futures.state(request_id, user)
+        except UnknownFuture:
+            raise NotFound(
+                f"unknown request_id {request_id!r} (results are kept for an hour, and not"
+                " across restarts)"
+            ) from None
+        if finished:
+            return False, f"request {request_id} has already finished; nothing to cancel"
+        if any(served.loop.cancel_sample(request_id) for served in self._models.values()):
+            message = "sample cancelled (cancel_future) before it started; send it again to run it"
+            self._futures.resolve(request_id, Failure(message, "user"))
+            return True, f"request {request_id} was cancelled before it started"
+        return False, (
+            f"request {request_id} has already started (or is not a sample) and runs to its"
+            " end; only samples still queued can be cancelled"
+        )
+
+    def join(self, user: str, sampling_session_id: str) -> int:
+        """``join_sampling_session``: a new clone id (1, 2, …) for a SamplingClient rebuilt
+        from a sampler handle or a pickle, so its seq_ids never collide with another's."""
+        session = self.session(user, sampling_session_id)
+        session.clones += 1
+        return session.clones
 
     def check(
         self,

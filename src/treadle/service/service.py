@@ -4,6 +4,7 @@ served base model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -11,15 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from treadle.errors import Failure
+from treadle.errors import Failure, StorageFull
 from treadle.service.auth import Auth
-from treadle.service.checkpoints import remove_interrupted_saves
+from treadle.service.checkpoints import Checkpoints, remove_interrupted_saves
 from treadle.service.engine_loop import EngineLoop
+from treadle.service.exports import Exports
 from treadle.service.futures import FutureStore
 from treadle.service.sampling import Sampling
 from treadle.service.served import ServedModel, Worker
 from treadle.service.sessions import Sessions
 from treadle.service.store import Store
+from treadle.service.trace import Traces
 from treadle.service.training import Training
 from treadle.service.usage import Usage
 from treadle.settings import ModelEntry, Settings
@@ -47,6 +50,9 @@ class Service:
     models: dict[str, ServedModel]
     auth: Auth
     usage: Usage
+    exports: Exports
+    checkpoints: Checkpoints
+    traces: Traces
     closing: bool = False  # shutting down: new work is refused (see drain)
     _stopped: bool = False
     _releasing: threading.Event = field(default_factory=threading.Event)
@@ -62,14 +68,21 @@ class Service:
         store = Store(settings.db_path)
         futures = FutureStore(loop, settings.future_retention_seconds)
         models: dict[str, ServedModel] = {}
+        traces = Traces(settings.trace_spans_per_session, settings.trace_sessions)
         for entry in settings.models:
             worker = load_worker(entry, settings)
+            # Only a convenience for `treadle adapters import`: a full disk must not stop
+            # the server from starting.
+            with contextlib.suppress(StorageFull):
+                store.add_served_model(entry.name, str(worker.info.tokenizer_dir))
             engine_loop = EngineLoop(
                 worker,
                 futures,
                 settings.retry_window,
                 settings.cycle_tokens,
                 settings.decode_share,
+                settings.sampler_max_batch,
+                traces,
             )
             engine_loop.start()
             models[entry.name] = ServedModel(worker, engine_loop)
@@ -77,8 +90,23 @@ class Service:
         usage = Usage(store)
         sampling = Sampling(models, futures, store, sessions, usage, settings)
         training = Training(models, futures, store, sessions, sampling, usage, settings)
+        exports = Exports(store, settings.data_dir, settings.export_url_seconds)
+        checkpoints = Checkpoints(store, sessions, training, settings)
+        # Those whose expiry came while no server ran go before anyone can load them.
+        checkpoints.expire_due()
         return cls(
-            settings, store, futures, sessions, training, sampling, models, Auth(store), usage
+            settings,
+            store,
+            futures,
+            sessions,
+            training,
+            sampling,
+            models,
+            Auth(store),
+            usage,
+            exports,
+            checkpoints,
+            traces,
         )
 
     def drain(self, deadline: float) -> None:
@@ -143,8 +171,10 @@ class Service:
         threading.Thread(target=release, name="release-memory", daemon=True).start()
 
     def tick(self) -> None:
-        """Housekeeping every few seconds: silent sessions end, usage is written."""
+        """Housekeeping every few seconds: silent sessions end, usage is written,
+        checkpoints whose expiry came are deleted."""
         self.end_expired_sessions()
+        self.checkpoints.expire_due()
         self.usage.flush()
 
     def end_expired_sessions(self) -> list[str]:

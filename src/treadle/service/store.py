@@ -71,6 +71,18 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     size_bytes INTEGER NOT NULL,
     public INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS served_models (
+    name TEXT PRIMARY KEY,
+    folder TEXT NOT NULL,
+    served_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    timestamp REAL NOT NULL,
+    user TEXT NOT NULL,
+    event TEXT NOT NULL,
+    details TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS audit_log_by_user ON audit_log (user, timestamp);
 """
 # Columns added after a table's first release: (table, column, definition). A data dir
 # made before gets them with their defaults (everything it holds was the local user's).
@@ -78,6 +90,7 @@ _ADDED_COLUMNS = [
     ("sessions", "user", "TEXT NOT NULL DEFAULT 'local'"),
     ("training_runs", "user", "TEXT NOT NULL DEFAULT 'local'"),
     ("checkpoints", "public", "INTEGER NOT NULL DEFAULT 0"),
+    ("checkpoints", "expires_at", "REAL"),
 ]
 
 
@@ -164,6 +177,38 @@ class Store:
             (user, limit, offset),
         )
         return [row[0] for row in rows]
+
+    def sessions_of(self, user: str) -> list[SessionRow]:
+        """Every session of ``user``, newest first, with what its runs' checkpoints take."""
+        rows = self._execute(
+            "SELECT s.session_id, s.created_at, s.tags, s.user_metadata, s.project_id,"
+            " s.display_name, s.finished_at, s.finish_reason, COUNT(c.tinker_path),"
+            " COALESCE(SUM(c.size_bytes), 0) FROM sessions s"
+            " LEFT JOIN training_runs r ON r.session_id = s.session_id"
+            " LEFT JOIN checkpoints c ON c.model_id = r.model_id"
+            " WHERE s.user = ? GROUP BY s.session_id ORDER BY s.created_at DESC, s.session_id DESC",
+            (user,),
+        )
+        return [
+            SessionRow(
+                session_id=row[0],
+                created_at=row[1],
+                tags=json.loads(row[2]),
+                user_metadata=json.loads(row[3]),
+                project_id=row[4],
+                display_name=row[5],
+                finished_at=row[6],
+                finish_reason=row[7],
+                checkpoints_count=int(row[8]),
+                checkpoint_bytes=int(row[9]),
+            )
+            for row in rows
+        ]
+
+    def set_session_project(self, session_id: str, project_id: str) -> None:
+        self._execute(
+            "UPDATE sessions SET project_id = ? WHERE session_id = ?", (project_id, session_id)
+        )
 
     def add_training_run(self, row: TrainingRunRow) -> None:
         self._execute(
@@ -263,7 +308,7 @@ class Store:
     def add_checkpoint(self, row: CheckpointRow) -> None:
         self._execute(
             "INSERT OR REPLACE INTO checkpoints (tinker_path, model_id, kind, name, created_at,"
-            " size_bytes, public) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " size_bytes, public, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.tinker_path,
                 row.model_id,
@@ -272,6 +317,7 @@ class Store:
                 row.created_at,
                 row.size_bytes,
                 row.public,
+                row.expires_at,
             ),
         )
 
@@ -315,12 +361,55 @@ class Store:
             "UPDATE checkpoints SET public = ? WHERE tinker_path = ?", (public, tinker_path)
         )
 
+    def set_expires_at(self, tinker_path: str, expires_at: float | None) -> None:
+        """When the checkpoint expires (unix time; None: never)."""
+        self._execute(
+            "UPDATE checkpoints SET expires_at = ? WHERE tinker_path = ?",
+            (expires_at, tinker_path),
+        )
+
     def delete_checkpoint(self, tinker_path: str) -> bool:
         found = bool(
             self._execute("SELECT 1 FROM checkpoints WHERE tinker_path = ?", (tinker_path,))
         )
         self._execute("DELETE FROM checkpoints WHERE tinker_path = ?", (tinker_path,))
         return found
+
+    def expired_checkpoints(self, now: float) -> list[CheckpointRow]:
+        """Checkpoints whose expiry is ``now`` or before."""
+        rows = self._execute(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints"
+            " WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at",
+            (now,),
+        )
+        return [_checkpoint_row(row) for row in rows]
+
+    def add_audit(self, user: str, event: str, details: dict[str, Any]) -> None:
+        self._execute(
+            "INSERT INTO audit_log VALUES (?, ?, ?, ?)",
+            (time.time(), user, event, json.dumps(details)),
+        )
+
+    def audit(self, user: str, start: float, end: float) -> list[AuditRow]:
+        """``user``'s audit entries from ``start`` (inclusive) to ``end``, oldest first."""
+        rows = self._execute(
+            "SELECT timestamp, event, details FROM audit_log"
+            " WHERE user = ? AND timestamp >= ? AND timestamp < ? ORDER BY timestamp, rowid",
+            (user, start, end),
+        )
+        return [AuditRow(row[0], row[1], json.loads(row[2])) for row in rows]
+
+    def add_served_model(self, name: str, folder: str) -> None:
+        """Remember where the base model served as ``name`` was loaded from, so commands
+        run beside the server (``treadle adapters import``) find it by that name."""
+        self._execute(
+            "INSERT OR REPLACE INTO served_models VALUES (?, ?, ?)", (name, folder, time.time())
+        )
+
+    def served_models(self) -> dict[str, str]:
+        """Served name -> model folder, as the last server on this data dir loaded them."""
+        rows = self._execute("SELECT name, folder FROM served_models ORDER BY name")
+        return {str(row[0]): str(row[1]) for row in rows}
 
 
 @contextlib.contextmanager
@@ -345,6 +434,7 @@ class CheckpointRow:
     created_at: float
     size_bytes: int
     public: bool = False  # published: any user may read, load and sample it
+    expires_at: float | None = None  # unix time it is deleted at (None: never)
 
 
 @dataclass(frozen=True)
@@ -354,6 +444,27 @@ class UsageRow:
     base_model: str
     kind: str  # prefill, sampled, trained or forward
     tokens: int
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    session_id: str
+    created_at: float
+    tags: list[str]
+    user_metadata: dict[str, Any]
+    project_id: str | None
+    display_name: str | None
+    finished_at: float | None
+    finish_reason: str | None
+    checkpoints_count: int  # of the session's training runs
+    checkpoint_bytes: int
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    timestamp: float
+    event: str  # <resource>_<action>, e.g. checkpoint_publish
+    details: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -368,12 +479,16 @@ _RUN_COLUMNS = (
     "model_id, session_id, base_model, lora_rank, train_attn, train_mlp, train_unembed, seed,"
     " user_metadata, created_at, last_request_time, user"
 )
-_CHECKPOINT_COLUMNS = "tinker_path, model_id, kind, name, created_at, size_bytes, public"
+_CHECKPOINT_COLUMNS = (
+    "tinker_path, model_id, kind, name, created_at, size_bytes, public, expires_at"
+)
 
 
 def _checkpoint_row(row: sqlite3.Row | tuple[Any, ...]) -> CheckpointRow:
-    path, model_id, kind, name, created_at, size_bytes, public = row
-    return CheckpointRow(path, model_id, kind, name, created_at, size_bytes, bool(public))
+    path, model_id, kind, name, created_at, size_bytes, public, expires_at = row
+    return CheckpointRow(
+        path, model_id, kind, name, created_at, size_bytes, bool(public), expires_at
+    )
 
 
 def _run_row(row: sqlite3.Row | tuple[Any, ...]) -> TrainingRunRow:

@@ -19,9 +19,11 @@ from typing import Any
 
 from treadle.engine.adapter_config import complete, read_spec
 from treadle.errors import Failure, NotFound, UserInputError, failure_of
+from treadle.service import audit, exports
 from treadle.service.auth import owned
 from treadle.service.checkpoints import (
     CheckpointPath,
+    expiry,
     own_checkpoint,
     readable_checkpoint,
 )
@@ -230,6 +232,15 @@ class Training:
                 user=run.user,
             )
         )
+        audit.record(
+            self._store,
+            run.user,
+            audit.TRAINING_RUN_CREATE,
+            run.user,
+            model_id=run.model_id,
+            base_model=run.base_model,
+            session_id=run.session_id,
+        )
 
     def _check_create(self, base_model: str, rank: int, optimizer: str) -> ServedModel:
         served = self.model(base_model)
@@ -353,7 +364,13 @@ class Training:
         return request_id
 
     def save_state(
-        self, user: str, model_id: str, seq_id: int | None, name: str, overwrite: bool
+        self,
+        user: str,
+        model_id: str,
+        seq_id: int | None,
+        name: str,
+        overwrite: bool,
+        ttl_seconds: int | None = None,
     ) -> str:
         """``save_state``: adapter + AdamW state, to resume training later."""
         run = self.run(user, model_id)
@@ -361,10 +378,11 @@ class Training:
 
         def save() -> dict[str, str]:
             path = CheckpointPath(model_id, "weights", name)
+            expires_at = expiry(ttl_seconds)
             model = run.built()
             folder = self._writable(path, overwrite)
             self._check_disk_quota(user)
-            self._saved(run, path, worker.save_model(folder, model))
+            self._saved(run, path, worker.save_model(folder, model), expires_at)
             return {"type": "save_weights", "path": path.tinker_path}
 
         return self._in_order(run, seq_id, save)
@@ -376,6 +394,7 @@ class Training:
         seq_id: int | None,
         name: str | None,
         sampling_seq: int | None,
+        ttl_seconds: int | None = None,
     ) -> str:
         """Named: a PEFT checkpoint on disk (sampled from memory while the server runs).
         Unnamed: an ephemeral sampling session over a snapshot of the current weights."""
@@ -388,17 +407,48 @@ class Training:
                     "save_weights_for_sampler needs a path (name) or a sampling_session_seq_id"
                 )
             path = CheckpointPath(model_id, "sampler_weights", name) if name else None
+            expires_at = expiry(ttl_seconds)
             snapshot: Adapter = worker.snapshot(run.built())
             if path is not None:
                 folder = self._writable(path, overwrite=True)
                 self._check_disk_quota(user)
-                self._saved(run, path, worker.save_adapter(folder, snapshot))
+                self._saved(run, path, worker.save_adapter(folder, snapshot), expires_at)
                 self._sampling.remember_snapshot(path.tinker_path, snapshot)
                 return {"type": "save_weights_for_sampler", "path": path.tinker_path}
             assert sampling_seq is not None
             sampler = sampler_id(run.session_id, sampling_seq)
             self._sampling.add_ephemeral(user, sampler, run.base_model, model_id, snapshot)
             return {"type": "save_weights_for_sampler", "sampling_session_id": sampler}
+
+        return self._in_order(run, seq_id, save)
+
+    def save_external(
+        self,
+        user: str,
+        model_id: str,
+        seq_id: int | None,
+        name: str,
+        ttl_seconds: int | None,
+        age_recipients: list[str] | None,
+    ) -> str:
+        """``save_weights_external``: the adapter as a PEFT folder to download (see
+        :mod:`treadle.service.exports`), encrypted to ``age_recipients`` if given. Saving
+        again under a name replaces the export."""
+        run = self.run(user, model_id)
+        worker = self.models[run.base_model].worker
+
+        def save() -> dict[str, Any]:
+            path = CheckpointPath(model_id, exports.KIND, name)
+            expires_at = expiry(ttl_seconds)
+            recipients = exports.recipients_of(age_recipients)
+            snapshot = worker.snapshot(run.built())
+            self._check_disk_quota(user)
+            folder = path.folder(self._data_dir)
+            size = exports.write_export(
+                folder, lambda to: worker.save_adapter(to, snapshot), recipients
+            )
+            self._saved(run, path, size, expires_at)
+            return {"type": "save_weights_external", "path": path.tinker_path, "size_bytes": size}
 
         return self._in_order(run, seq_id, save)
 
@@ -419,9 +469,29 @@ class Training:
                 f" take {used}; delete some first"
             )
 
-    def _saved(self, run: TrainingRun, path: CheckpointPath, size: int) -> None:
+    def _saved(
+        self, run: TrainingRun, path: CheckpointPath, size: int, expires_at: float | None = None
+    ) -> None:
         self._store.add_checkpoint(
-            CheckpointRow(path.tinker_path, run.model_id, path.kind, path.name, time.time(), size)
+            CheckpointRow(
+                path.tinker_path,
+                run.model_id,
+                path.kind,
+                path.name,
+                time.time(),
+                size,
+                expires_at=expires_at,
+            )
+        )
+        audit.record(
+            self._store,
+            run.user,
+            audit.CHECKPOINT_SAVE,
+            run.user,
+            model_id=run.model_id,
+            tinker_path=path.tinker_path,
+            size_bytes=size,
+            expires_at=expires_at,
         )
 
     def load_state(
@@ -520,7 +590,9 @@ class Training:
         return [
             row
             for row in rows
-            if complete(CheckpointPath.parse(row.tinker_path).folder(self._data_dir))
+            if (exports.exported if row.kind == exports.KIND else complete)(
+                CheckpointPath.parse(row.tinker_path).folder(self._data_dir)
+            )
         ]
 
     def checkpoint_storage(self, user: str) -> list[tuple[str | None, int, int]]:

@@ -1,11 +1,12 @@
-"""REST views of training runs and checkpoints (``RestClient``)."""
+"""REST views of training runs and checkpoints, and what their owner does with them
+(``RestClient``: delete, publish, set a TTL, copy)."""
 
 from __future__ import annotations
 
 import datetime
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel, ConfigDict
 
 from treadle.server.deps import ServiceDep, UserDep, page
@@ -14,7 +15,7 @@ from treadle.service.store import CheckpointRow, TrainingRunRow
 
 router = APIRouter(prefix="/api/v1")
 
-_TYPES = {"weights": "training", "sampler_weights": "sampler"}
+_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 
 
 def _iso(timestamp: float) -> str:
@@ -29,6 +30,7 @@ def _checkpoint(row: CheckpointRow) -> dict[str, Any]:
         "tinker_path": row.tinker_path,
         "size_bytes": row.size_bytes,
         "public": row.public,
+        "expires_at": None if row.expires_at is None else _iso(row.expires_at),
     }
 
 
@@ -95,7 +97,7 @@ def _path(run_id: str, kind: str, name: str) -> CheckpointPath:
 async def delete_checkpoint(
     run_id: str, kind: str, name: str, service: ServiceDep, user: UserDep
 ) -> Response:
-    service.training.delete_checkpoint(user, _path(run_id, kind, name))
+    service.checkpoints.delete(user, _path(run_id, kind, name))
     return Response(status_code=204)
 
 
@@ -104,7 +106,7 @@ async def publish_checkpoint(
     run_id: str, kind: str, name: str, service: ServiceDep, user: UserDep
 ) -> Response:
     """Any user may then read, load and sample it; only its owner changes or deletes it."""
-    service.training.publish(user, _path(run_id, kind, name), public=True)
+    service.checkpoints.publish(user, _path(run_id, kind, name), public=True)
     return Response(status_code=204)
 
 
@@ -112,8 +114,50 @@ async def publish_checkpoint(
 async def unpublish_checkpoint(
     run_id: str, kind: str, name: str, service: ServiceDep, user: UserDep
 ) -> Response:
-    service.training.publish(user, _path(run_id, kind, name), public=False)
+    service.checkpoints.publish(user, _path(run_id, kind, name), public=False)
     return Response(status_code=204)
+
+
+class TtlRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    ttl_seconds: int | None  # None removes the expiry
+
+
+@router.put("/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl", status_code=204)
+async def set_checkpoint_ttl(
+    run_id: str, kind: str, name: str, body: TtlRequest, service: ServiceDep, user: UserDep
+) -> Response:
+    """The checkpoint is deleted ``ttl_seconds`` from now (1 hour to 10 years)."""
+    service.checkpoints.set_ttl(user, _path(run_id, kind, name), body.ttl_seconds)
+    return Response(status_code=204)
+
+
+class CopyWeightsRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    source_path: str
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    destination_project_id: str | None = None
+    ttl_seconds: int | None = None
+
+
+@router.post("/copy_weights")
+async def copy_weights(
+    body: CopyWeightsRequest,
+    service: ServiceDep,
+    user: UserDep,
+    x_idempotency_key: str | None = Header(default=None),
+) -> dict[str, str]:
+    path = service.checkpoints.copy(
+        user,
+        body.source_path,
+        body.session_id,
+        body.model_seq_id,
+        body.destination_project_id,
+        body.ttl_seconds,
+        x_idempotency_key,
+    )
+    return {"tinker_path": path}
 
 
 class WeightsInfoRequest(BaseModel):

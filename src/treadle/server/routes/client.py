@@ -12,15 +12,20 @@ router = APIRouter(prefix="/api/v1")
 
 
 @router.post("/client/config")
-async def client_config(body: dict[str, Any] | None = None) -> dict[str, Any]:
-    # Every flag at the SDK's default: no JWT exchange, JSON forward_backward for SDKs
-    # older than 0.25 (they only send protobuf when asked to).
-    return {"pjwt_auth_enabled": False}
+async def client_config(service: ServiceDep, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    # Other flags at the SDK's default: no JWT exchange, JSON forward_backward for SDKs
+    # older than 0.25 (they only send protobuf when asked to). Rebuilt SamplingClients
+    # always join: their clone ids then never collide.
+    return {
+        "pjwt_auth_enabled": False,
+        "sample_use_retrieve_futures": service.settings.sample_retrieve_futures,
+        "sample_join_sampling_session": True,
+    }
 
 
 @router.post("/client/dynamic_config")
-async def dynamic_config(body: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
+async def dynamic_config(service: ServiceDep, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"refresh_interval_sec": 300, "sample_cancel_enabled": service.settings.sample_cancel}
 
 
 @router.get("/healthz")

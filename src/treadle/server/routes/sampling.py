@@ -25,6 +25,10 @@ class CreateSamplingSessionRequest(_Lenient):
     model_path: str | None = None
 
 
+class JoinSamplingSessionRequest(_Lenient):
+    sampling_session_id: str
+
+
 class Chunk(_Lenient):
     type: str = "encoded_text"
     tokens: list[int] = []
@@ -66,6 +70,16 @@ async def create_sampling_session(
         user, body.session_id, body.sampling_session_seq_id, body.base_model, body.model_path
     )
     return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+
+@router.post("/join_sampling_session")
+async def join_sampling_session(
+    body: JoinSamplingSessionRequest, service: ServiceDep, user: UserDep
+) -> dict[str, Any]:
+    # A SamplingClient rebuilt from a handle or a pickle numbers its samples in its own
+    # block of seq_ids (clone id x 10**9): a new clone id per join.
+    clone = service.sampling.join(user, body.sampling_session_id)
+    return {"type": "join_sampling_session", "client_counter": clone}
 
 
 @router.get("/samplers/{sampler_id}")

@@ -167,6 +167,7 @@ class SaveWeightsRequest(_Lenient):
     path: str
     seq_id: int | None = None
     overwrite: bool = False
+    ttl_seconds: int | None = None
 
 
 class SaveForSamplerRequest(_Lenient):
@@ -174,6 +175,7 @@ class SaveForSamplerRequest(_Lenient):
     path: str | None = None
     sampling_session_seq_id: int | None = None
     seq_id: int | None = None
+    ttl_seconds: int | None = None
 
 
 class LoadWeightsRequest(_Lenient):
@@ -192,7 +194,7 @@ async def save_weights(
     body: SaveWeightsRequest, service: ServiceDep, user: UserDep
 ) -> dict[str, str]:
     request_id = service.training.save_state(
-        user, body.model_id, body.seq_id, body.path, body.overwrite
+        user, body.model_id, body.seq_id, body.path, body.overwrite, body.ttl_seconds
     )
     return _future(request_id, body.model_id)
 
@@ -202,7 +204,12 @@ async def save_weights_for_sampler(
     body: SaveForSamplerRequest, service: ServiceDep, user: UserDep
 ) -> dict[str, str]:
     request_id = service.training.save_for_sampler(
-        user, body.model_id, body.seq_id, body.path, body.sampling_session_seq_id
+        user,
+        body.model_id,
+        body.seq_id,
+        body.path,
+        body.sampling_session_seq_id,
+        body.ttl_seconds,
     )
     return _future(request_id, body.model_id)
 
@@ -222,3 +229,26 @@ async def load_weights(
         user, body.session_id, body.model_seq_id, body.path, body.optimizer
     )
     return _future(request_id, model_id)
+
+
+class SaveWeightsExternalRequest(_Lenient):
+    model_id: str
+    path: str
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    age_encryption_recipients: list[str] | None = None
+
+
+@router.post("/save_weights_external")
+async def save_weights_external(
+    body: SaveWeightsExternalRequest, service: ServiceDep, user: UserDep
+) -> dict[str, str]:
+    request_id = service.training.save_external(
+        user,
+        body.model_id,
+        body.seq_id,
+        body.path,
+        body.ttl_seconds,
+        body.age_encryption_recipients,
+    )
+    return _future(request_id, body.model_id)
