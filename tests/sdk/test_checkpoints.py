@@ -123,7 +123,7 @@ def test_checkpoint_errors(service_client):
     with pytest.raises(tinker.RequestFailedError, match="trained on meta-llama"):
         tc.load_state(path).result()
     sampler_only = llama.save_weights_for_sampler("no-optimizer").result().path
-    with pytest.raises(tinker.RequestFailedError, match="without optimizer state"):
+    with pytest.raises(tinker.RequestFailedError, match="has no optimizer state"):
         service_client.create_training_client_from_state_with_optimizer(sampler_only).result()
     tc.save_state("exists").result()
     with pytest.raises(tinker.RequestFailedError, match="exists"):

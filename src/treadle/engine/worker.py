@@ -134,9 +134,9 @@ class Worker:
             state = load_optimizer_state(folder)
             if state is None:
                 raise UserInputError(
-                    f"{folder.name} was saved without optimizer state"
-                    " (save_weights_for_sampler); load it without the optimizer, or save it"
-                    " with save_state"
+                    f"{folder.name} has no optimizer state (a save_weights_for_sampler"
+                    " checkpoint, or an imported adapter); load it without the optimizer"
+                    " (create_training_client_from_state), or save one with save_state"
                 )
             model.optimizer.load_state_dict(state)
         return model

@@ -2,7 +2,9 @@
 
 ``tinker://{model_id}/weights/{name}`` is a ``save_state`` checkpoint (adapter + AdamW
 state), ``tinker://{model_id}/sampler_weights/{name}`` a ``save_weights_for_sampler`` one
-(adapter only). Both are PEFT folders under ``{data_dir}/checkpoints/{model_id}/{kind}/``.
+(adapter only), ``tinker://{model_id}/external_weights/{name}`` a ``save_weights_external``
+export (adapter only, possibly age-encrypted). All live under
+``{data_dir}/checkpoints/{model_id}/{kind}/``.
 
 :class:`Checkpoints` is what their owner does with them after saving: delete, publish,
 give an expiry (a TTL), copy; and what treadle does when an expiry comes.
@@ -75,8 +77,8 @@ class CheckpointPath:
         parts = path[len(PREFIX) :].split("/")
         if len(parts) != 3 or parts[1] not in KINDS or not parts[0]:
             raise UserInputError(
-                f"checkpoint path {path!r} must look like tinker://MODEL_ID/weights/NAME or"
-                " tinker://MODEL_ID/sampler_weights/NAME"
+                f"checkpoint path {path!r} must look like tinker://MODEL_ID/KIND/NAME with KIND"
+                " one of weights, sampler_weights, external_weights"
             )
         return cls(parts[0], parts[1], parts[2])
 

@@ -21,6 +21,8 @@ from typing import Any
 
 # How long an export link stays valid (Tinker's signed URLs last about an hour).
 _LINK_SECONDS = 3600.0
+# Live export links kept at most; the oldest go first.
+_LINKS_KEPT = 4096
 
 
 @dataclass(frozen=True, slots=True)  # (slots: a session keeps thousands)
@@ -86,6 +88,8 @@ class Traces:
             for old in [t for t, (_, expiry) in self._links.items() if expiry < now]:
                 del self._links[old]
             self._links[token] = (session_id, now + _LINK_SECONDS)
+            while len(self._links) > _LINKS_KEPT:  # bounded however often one asks
+                del self._links[next(iter(self._links))]
         return token
 
     def linked_session(self, token: str) -> str | None:
