@@ -34,9 +34,9 @@ def server(
 ) -> Iterator[Server]:
     """One treadle process serving both tiny models for the whole session."""
     # A short long-poll, so every future in the suite also goes through try_again re-polls.
-    srv = Server(
-        tiny_models, tmp_path_factory.mktemp("data") / "treadle", ["--long-poll-seconds", "2"]
-    )
+    # Custom losses run client-side here: the reference the server-side ones must equal.
+    args = ["--long-poll-seconds", "2", "--no-custom-loss-server-side"]
+    srv = Server(tiny_models, tmp_path_factory.mktemp("data") / "treadle", args)
     yield srv
     srv.stop()
 

@@ -184,6 +184,18 @@ _LIMITS: list[tuple[str, str, Callable[[str], Any], str]] = [
         int,
         "sessions whose traces are kept (the most recently active)",
     ),
+    (
+        "--max-custom-losses-per-session",
+        "max_custom_losses_per_session",
+        int,
+        "custom losses one session may create (create_custom_loss)",
+    ),
+    (
+        "--max-custom-loss-nodes",
+        "max_custom_loss_nodes",
+        int,
+        "nodes in one custom loss graph",
+    ),
 ]
 
 # SDK features turned on through the client config: (flag, Settings field, help).
@@ -198,6 +210,13 @@ _SWITCHES: list[tuple[str, str, str]] = [
         "sample_retrieve_futures",
         "sampling clients wait on one retrieve_futures long-poll per sampling session instead"
         " of one retrieve_future per sample",
+    ),
+    (
+        "--custom-loss-server-side",
+        "custom_loss_server_side",
+        "create_custom_loss uploads per-datum losses and forward_backward_custom runs them on"
+        " the server in one pass; off: they run client-side (a forward plus a"
+        " forward_backward)",
     ),
 ]
 

@@ -125,6 +125,12 @@ class Settings:
     # A SamplingClient waits on one retrieve_futures long-poll per sampling session
     # instead of one retrieve_future per sample.
     sample_retrieve_futures: bool = False
+    # ServiceClient.create_custom_loss uploads per-datum losses and forward_backward_custom
+    # runs them here in one pass (instead of the client's forward plus forward_backward).
+    custom_loss_server_side: bool = True
+    # Uploaded custom losses kept per session, and nodes per loss graph.
+    max_custom_losses_per_session: int = 256
+    max_custom_loss_nodes: int = 2048
     # export_session_trace: spans kept per session (the newest), and sessions kept.
     trace_spans_per_session: int = 10000
     trace_sessions: int = 64

@@ -72,6 +72,9 @@ def test_demo_prints_the_tutorial_numbers_right(demo_output: str, embedded_data_
     assert got == pytest.approx(lp[-3:].tolist(), abs=1e-4)
     squared = re.search(r"'logprob_sq': (-?[\d.e+-]+)", demo_output)
     assert squared and float(squared.group(1)) == pytest.approx(float((lp**2).sum()), rel=1e-4)
+    # The per-datum port of the same loss, run on the server: the same number.
+    on_server = re.search(r"'custom/logprob_sq:sum': (-?[\d.e+-]+)", demo_output)
+    assert on_server and float(on_server.group(1)) == pytest.approx(float((lp**2).sum()), rel=1e-4)
     rejected = prompt_ids + tok.encode(" Berlin.")
     lp_rejected = base_logprobs(folder, rejected[:-1], rejected[1:])
     dpo = -torch.nn.functional.logsigmoid(0.1 * (lp.sum() - lp_rejected.sum()))

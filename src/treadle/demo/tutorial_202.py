@@ -127,6 +127,17 @@ async def main() -> None:
     custom_result = await custom_future.result_async()
     print(f"Custom loss metrics: {custom_result.metrics}")
 
+    # (treadle) The same loss written per datum, uploaded once and run on the server in
+    # one forward_backward: what a built-in loss costs, without the client-side forward.
+    def logprob_squared(logprobs):
+        loss = (logprobs**2).sum()
+        return loss, {"custom/logprob_sq:sum": loss}
+
+    handle = await service_client.create_custom_loss(logprob_squared, {"logprobs": 1})
+    server_future = await training_client.forward_backward_custom_async([sft_datum], handle)
+    server_result = await server_future.result_async()
+    print(f"Server-side custom loss metrics: {server_result.metrics}")
+
     def dpo_loss(data, logprobs_list):
         # data[0] = preferred, data[1] = rejected
         preferred_lp = logprobs_list[0].sum()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from treadle.engine.custom_graph import CustomLossError, CustomRun
+from treadle.engine.custom_loss import loss_and_gradient
 from treadle.engine.lora import Adapter
 from treadle.engine.losses import LossSpec
 from treadle.engine.models import BaseLM
@@ -128,7 +130,7 @@ class ForwardBackwardWork:
 
     model: LoraModel
     data: Sequence[Datum]
-    loss: LossSpec
+    loss: LossSpec | CustomRun
     config: dict[str, float]
     forward_only: bool
 
@@ -137,6 +139,8 @@ class ForwardBackwardWork:
 class ForwardBackwardOutcome:
     logprobs: list[np.ndarray]  # per datum, float32, the shape of its target_tokens
     loss: float  # summed over tokens and datums
+    metrics: dict[str, float] = field(default_factory=dict)  # a custom loss's custom/… ones
+    error: str | None = None  # a custom loss failed (the user's error): nothing accumulated
 
 
 @dataclass
@@ -151,6 +155,7 @@ class _Item:
 class _Pass:
     items: list[_Item] = field(default_factory=list)
     tokens: int = 0
+    alone: int | None = None  # the custom-loss work too long for one pass, alone in this one
 
 
 def forward_backward(
@@ -182,7 +187,18 @@ def forward_backward(
         # Keep each adapter's rows together so every LoRA layer does one matmul per adapter.
         order = {id(item.adapter): rank for rank, item in reversed(list(enumerate(items)))}
         items.sort(key=lambda item: order[id(item.adapter)])
-        for one_pass in _packed_passes(items, max_tokens):
+        whole = {
+            w: sum(datum.num_tokens for datum in work.data)
+            for w, work in enumerate(works)
+            if isinstance(work.loss, CustomRun) and not work.forward_only and not forward_only
+        }
+        saved: dict[int, list[Tensor | None]] = {}
+        for one_pass in _packed_passes(items, max_tokens, whole):
+            if all(outcomes[item.work].error for item in one_pass.items):
+                continue  # a custom loss that failed in an earlier pass of its own
+            alone = one_pass.alone
+            if alone is not None and alone not in saved and not forward_only:
+                saved[alone] = [_copy(t.grad) for t in works[alone].model.adapter.parameters()]
             if pause is not None and ran:
                 pause()
             # Only a single datum longer than the budget makes a pass this large.
@@ -194,11 +210,28 @@ def forward_backward(
             ):
                 _run_pass(base, works, one_pass, outcomes, losses, backward=not forward_only)
             ran = True
+            if alone is not None and outcomes[alone].error and alone in saved:
+                # A custom loss too long for one pass failed after some of its passes:
+                # undo them (they held nothing else) before any other work's pass.
+                tensors = works[alone].model.adapter.parameters()
+                for tensor, grad in zip(tensors, saved.pop(alone), strict=True):
+                    tensor.grad = grad
     for w, work in enumerate(works):
-        outcomes[w].loss = float(torch.stack(losses[w]).sum()) if losses[w] else 0.0
-        if not work.forward_only:
+        outcome = outcomes[w]
+        outcome.loss = float(torch.stack(losses[w]).sum()) if losses[w] else 0.0
+        if not work.forward_only and outcome.error is None:
             work.model.pending_datums += len(work.data)
+        if isinstance(work.loss, CustomRun):
+            n = len(work.data)
+            outcome.metrics = {
+                key: value / n if key.endswith(":mean") else value
+                for key, value in outcome.metrics.items()
+            }
     return outcomes
+
+
+def _copy(grad: Tensor | None) -> Tensor | None:
+    return None if grad is None else grad.clone()
 
 
 @contextlib.contextmanager
@@ -252,14 +285,32 @@ def _pausing(base: BaseLM, pause: Callable[[], None] | None) -> Iterator[None]:
             handle.remove()
 
 
-def _packed_passes(items: list[_Item], max_tokens: int) -> Iterator[_Pass]:
-    """Greedy packing in order; a datum longer than the budget gets a pass of its own."""
+def _packed_passes(
+    items: list[_Item], max_tokens: int, whole: Mapping[int, int] | None = None
+) -> Iterator[_Pass]:
+    """Greedy packing in order; a datum longer than the budget gets a pass of its own.
+
+    The works in ``whole`` (custom losses: work -> tokens) must fail as a whole: one that
+    fits in a pass is never split across passes, and one that does not has its passes to
+    itself, so that its gradient can be undone alone. (A work's items are contiguous.)
+    """
+    whole = whole or {}
     current = _Pass()
     for item in items:
         n = item.datum.num_tokens
-        if current.items and current.tokens + n > max_tokens:
+        size = whole.get(item.work)
+        first = size is not None and item.index == 0
+        need = size if first and size is not None and size <= max_tokens else n
+        alone = first and size is not None and size > max_tokens
+        if current.items and (
+            alone
+            or current.tokens + need > max_tokens
+            or (current.alone is not None and current.alone != item.work)
+        ):
             yield current
             current = _Pass()
+        if size is not None and size > max_tokens:
+            current.alone = item.work
         current.items.append(item)
         current.tokens += n
     if current.items:
@@ -293,6 +344,7 @@ def _run_pass(
     with routing(spans), packed(lengths):
         hidden = base.backbone(input_ids=input_ids, position_ids=position_ids).last_hidden_state[0]
         pass_losses: list[Tensor] = []
+        custom: dict[int, list[tuple[_Item, Tensor]]] = {}
         offset = 0
         for item, n in zip(one_pass.items, lengths, strict=True):
             work = works[item.work]
@@ -300,6 +352,10 @@ def _run_pass(
             targets = torch.from_numpy(datum.inputs["target_tokens"]).to(device)
             lp = target_logprobs(base, hidden[offset : offset + n], targets, item.adapter)
             offset += n
+            if isinstance(work.loss, CustomRun):
+                outcomes[item.work].logprobs[item.index] = lp.detach().float().cpu().numpy()
+                custom.setdefault(item.work, []).append((item, lp))
+                continue
             inputs = {
                 key: torch.from_numpy(value).to(device)
                 for key, value in datum.inputs.items()
@@ -309,8 +365,37 @@ def _run_pass(
             outcomes[item.work].logprobs[item.index] = lp.detach().float().cpu().numpy()
             losses[item.work].append(loss.detach())
             pass_losses.append(loss)
-        if backward:
+        for w, group in custom.items():
+            pass_losses += _custom_losses(works[w], outcomes[w], losses[w], group, backward)
+        if backward and pass_losses:
             torch.stack(pass_losses).sum().backward()
+
+
+def _custom_losses(
+    work: ForwardBackwardWork,
+    outcome: ForwardBackwardOutcome,
+    losses: list[Tensor],
+    group: list[tuple[_Item, Tensor]],
+    backward: bool,
+) -> list[Tensor]:
+    """One request's custom loss on its datums of this pass, run outside the model's graph
+    (:mod:`treadle.engine.custom_loss`). Returns the surrogates ``Σ lp · dC/dlp`` whose
+    gradient is the loss's, or nothing if it failed, recording the user's error."""
+    assert isinstance(work.loss, CustomRun)
+    lps = [lp for _, lp in group]
+    try:
+        values, grads, sums = loss_and_gradient(
+            work.loss.graph, lps, [item.datum.inputs for item, _ in group], backward
+        )
+    except CustomLossError as exc:
+        outcome.error = str(exc)
+        return []
+    losses.extend(torch.tensor(value, dtype=torch.float64) for value in values)
+    for key, value in sums.items():
+        outcome.metrics[key] = outcome.metrics.get(key, 0.0) + value
+    if not backward:
+        return []
+    return [(lp * g.to(lp.device)).sum() for lp, g in zip(lps, grads, strict=True) if g is not None]
 
 
 def optim_step(model: LoraModel, params: AdamParams) -> dict[str, float]:

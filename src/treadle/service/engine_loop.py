@@ -403,20 +403,27 @@ class EngineLoop:
             return
         cycle_id = next(self._cycles)
         started = time.monotonic()
+        names = ["failed"] * len(packed)  # (each request's span in its trace)
         try:
             outcomes = self._worker.forward_backward(works, self._pause)
         except Exception as exc:
             self._fail([item.request_id for item in packed], exc)
-            name = "failed"
         else:
-            for item, outcome in zip(packed, outcomes, strict=True):
-                metrics = {"loss:sum": outcome.loss, "clock_cycle:unique": float(cycle_id)}
+            for index, (item, outcome) in enumerate(zip(packed, outcomes, strict=True)):
+                if outcome.error is not None:  # a custom loss that failed: nothing kept
+                    self._futures.resolve(item.request_id, Failure(outcome.error, "user"))
+                    continue
+                metrics = {
+                    "loss:sum": outcome.loss,
+                    **outcome.metrics,
+                    "clock_cycle:unique": float(cycle_id),
+                }
                 result = ForwardBackwardResult(outcome.logprobs, metrics)
                 self._futures.resolve(item.request_id, result)
-            name = "forward_backward"
+                names[index] = "forward_backward"
         ended = time.monotonic()
         self._last_pass = ended - started
-        for item in packed:
+        for item, name in zip(packed, names, strict=True):
             self._trace(
                 item.request_id,
                 name,

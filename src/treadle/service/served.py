@@ -26,6 +26,8 @@ SampleDone = Callable[[SampleResult | BaseException], None]
 class Outcome(Protocol):
     logprobs: list[Any]
     loss: float
+    metrics: dict[str, float]  # a custom loss's custom/… metrics
+    error: str | None  # a custom loss that failed (the user's error); nothing accumulated
 
 
 class Worker(Protocol):

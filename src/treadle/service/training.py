@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from treadle.engine.adapter_config import complete, read_spec
+from treadle.engine.custom_graph import CustomRun
+from treadle.engine.custom_graph import check_data as check_custom_data
 from treadle.errors import Failure, NotFound, UserInputError, failure_of
 from treadle.service import audit, exports
 from treadle.service.auth import owned
@@ -27,6 +29,7 @@ from treadle.service.checkpoints import (
     own_checkpoint,
     readable_checkpoint,
 )
+from treadle.service.custom_loss import CustomLosses
 from treadle.service.engine_loop import Packable, Queued, Rejected, Solo
 from treadle.service.futures import FutureStore
 from treadle.service.limits import check_metadata
@@ -86,6 +89,7 @@ class Training:
         self._settings = settings
         self._runs: dict[str, TrainingRun] = {}
         self._tokens_lock = threading.Lock()
+        self.custom_losses = CustomLosses(sessions, settings)
 
     def model(self, base_model: str) -> ServedModel:
         return find_model(self.models, base_model)
@@ -270,6 +274,19 @@ class Training:
             "optimizer_config": {"type": "adamw"},
         }
 
+    def create_custom_loss(
+        self, user: str, session_id: str, seq_id: int, body: dict[str, Any]
+    ) -> str:
+        """``create_custom_loss``: checked at once; the future holds the ``loss_id`` or
+        what to change."""
+        request_id = self._futures.create(user)
+        try:
+            answer: Any = self.custom_losses.create(user, session_id, seq_id, body)
+        except (UserInputError, NotFound) as exc:
+            answer = failure_of(exc)
+        self._futures.resolve(request_id, answer)
+        return request_id
+
     # -- requests in seq_id order -------------------------------------------------------
 
     def forward_backward(
@@ -301,9 +318,12 @@ class Training:
                         f"{len(data)} datums in one request; at most {cap}"
                         " (--max-datums-per-request): send them in several requests"
                     )
-                loss = worker.check_forward_backward(data, loss_fn, dict(loss_fn_config))
+                if loss_fn == "custom":
+                    loss = self._custom(user, run, data, loss_fn_config, request_id)
+                else:
+                    loss = worker.check_forward_backward(data, loss_fn, dict(loss_fn_config))
                 self._queue_tokens(run, tokens)
-            except UserInputError as exc:
+            except (UserInputError, NotFound) as exc:
                 return Rejected(request_id, failure_of(exc))
 
             def build() -> Any:
@@ -317,6 +337,20 @@ class Training:
             return Packable(request_id, build, user, tokens)
 
         return served.loop.submit(user, model_id, seq_id, make)
+
+    def _custom(
+        self,
+        user: str,
+        run: TrainingRun,
+        data: Sequence[Datum],
+        config: Mapping[str, float | str],
+        request_id: str,
+    ) -> _CustomLoss:
+        """A custom loss of the model's session, checked against ``data``."""
+        graph = self.custom_losses.get(user, run.session_id, config)
+        self.models[run.base_model].worker.check_forward_backward(data, "custom", {})
+        check_custom_data(graph, data)
+        return _CustomLoss(CustomRun(graph))
 
     def _queue_tokens(self, run: TrainingRun, tokens: int) -> None:
         """Count ``tokens`` as queued for ``run``'s user, within the user's limit (what
@@ -555,6 +589,7 @@ class Training:
     def end_session(self, session_id: str) -> None:
         """Unload every model of a session that ended; requests still queued for them
         fail as unloaded."""
+        self.custom_losses.end_session(session_id)
         for run in [r for r in self._runs.values() if r.session_id == session_id]:
             run.ended, run.model = True, None
             del self._runs[run.model_id]
@@ -606,6 +641,14 @@ class Training:
         row = self._store.training_run(CheckpointPath.parse(tinker_path).model_id)
         assert row is not None
         return row
+
+
+@dataclass(frozen=True)
+class _CustomLoss:
+    """A checked custom loss in the shape of the worker's checked loss choice."""
+
+    spec: CustomRun
+    config: dict[str, float] = field(default_factory=dict)
 
 
 def _check_adam(params: AdamParams) -> str | None:

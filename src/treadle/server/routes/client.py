@@ -20,6 +20,7 @@ async def client_config(service: ServiceDep, body: dict[str, Any] | None = None)
         "pjwt_auth_enabled": False,
         "sample_use_retrieve_futures": service.settings.sample_retrieve_futures,
         "sample_join_sampling_session": True,
+        "custom_loss_server_side": service.settings.custom_loss_server_side,
     }
 
 

@@ -142,6 +142,26 @@ def _submit(call: wire.ForwardBackwardCall, service: ServiceDep, user: str) -> d
     return _future(request_id, call.model_id)
 
 
+class CreateCustomLossRequest(_Lenient):
+    session_id: str
+    custom_loss_seq_id: int
+    # name, inputs and graph are checked by the service, which names what is wrong.
+    name: Any = None
+    inputs: Any = None
+    graph: Any = None
+
+
+@router.post("/create_custom_loss")
+async def create_custom_loss(
+    body: CreateCustomLossRequest, service: ServiceDep, user: UserDep
+) -> dict[str, str]:
+    request = body.model_dump(include={"name", "inputs", "graph"})
+    request_id = service.training.create_custom_loss(
+        user, body.session_id, body.custom_loss_seq_id, request
+    )
+    return {"request_id": request_id}
+
+
 @router.post("/optim_step")
 async def optim_step(body: OptimStepRequest, service: ServiceDep, user: UserDep) -> dict[str, str]:
     params = dict(body.adam_params or body.optim_params or body.optimizer_params or {})
