@@ -52,15 +52,20 @@ def _datum(tokens: list[int]) -> types.Datum:
     )
 
 
+def _trained(client: tinker.ServiceClient) -> tuple[tinker.TrainingClient, list, float]:
+    """A model one step from its start, its data, and its loss on that data now."""
+    tc = client.create_lora_training_client(base_model=QWEN, rank=8).result()
+    data = [_datum([1, 2, 3, 4, 5, 6])]
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=0.05)).result()
+    return tc, data, tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+
+
 def test_a_full_disk_fails_saves_clearly_and_nothing_else(small_disk: Path, tiny_models):
     server = Server({QWEN: tiny_models[QWEN]}, small_disk, ["--long-poll-seconds", "2"])
     try:
         client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
-        tc = client.create_lora_training_client(base_model=QWEN, rank=8).result()
-        data = [_datum([1, 2, 3, 4, 5, 6])]
-        tc.forward_backward(data, "cross_entropy").result()
-        tc.optim_step(types.AdamParams(learning_rate=0.05)).result()
-        before = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+        tc, data, before = _trained(client)
 
         sampler = client.create_sampling_client(base_model=QWEN).result()
         filler = _fill(small_disk)
@@ -109,11 +114,7 @@ def test_a_read_only_data_dir_fails_saves_clearly_and_nothing_else(small_disk: P
     server = Server({QWEN: tiny_models[QWEN]}, small_disk, ["--long-poll-seconds", "2"])
     try:
         client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
-        tc = client.create_lora_training_client(base_model=QWEN, rank=8).result()
-        data = [_datum([1, 2, 3, 4, 5, 6])]
-        tc.forward_backward(data, "cross_entropy").result()
-        tc.optim_step(types.AdamParams(learning_rate=0.05)).result()
-        before = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+        tc, data, before = _trained(client)
 
         tc.save_state("first").result()  # (the checkpoint folder exists from the first save)
         folder = str(small_disk / "checkpoints")
