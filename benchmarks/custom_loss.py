@@ -22,13 +22,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from train_throughput import start_server  # (benchmarks/ is this script's sys.path[0])
 
 RANK = 32
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -132,24 +131,6 @@ def run(url: str, steps: int, rounds: int) -> None:
     client.close("success")
 
 
-def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    import httpx
-
-    server = subprocess.Popen(
-        [sys.executable, "-m", "treadle", "serve", "--port", str(port)]
-        + ["--data-dir", str(data_dir), "--log-level", "warning", "--custom-loss-server-side"]
-    )
-    for _ in range(1800):
-        if server.poll() is not None:
-            raise RuntimeError("server exited")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/v1/healthz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise RuntimeError("server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,7 +144,7 @@ def main() -> None:
         parser.error("--steps must be at least 2 (the first is warm-up)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     emit(event="start", cpus=os.cpu_count(), model=MODEL, rank=RANK, tokens=SEQUENCES * LENGTH)
-    server = start_server(args.data_dir, args.port)
+    server = start_server(args.data_dir, args.port, "--custom-loss-server-side")
     try:
         run(f"http://127.0.0.1:{args.port}", args.steps, args.rounds)
     finally:

@@ -142,24 +142,17 @@ def run_treadle(url: str, name: str, steps: int, server_pid: int) -> None:
     client.close("success")
 
 
-def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def start_server(data_dir: Path, port: int, *flags: str) -> subprocess.Popen[bytes]:
+    """``treadle serve`` on ``data_dir`` (with ``flags``), once it answers ``healthz``."""
     import httpx
 
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "treadle",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "warning",
-        ]
+        [sys.executable, "-m", "treadle", "serve", "--port", str(port)]
+        + ["--data-dir", str(data_dir), "--log-level", "warning", *flags]
     )
     for _ in range(1800):
+        if server.poll() is not None:
+            raise RuntimeError("server exited")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/api/v1/healthz", timeout=2).status_code == 200:
                 return server
