@@ -23,8 +23,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from treadle.engine.kv_cache import store_prompts
-from treadle.engine.pass_context import CACHE_PASS, SEGMENTS
+from treadle.engine.kv_cache import decode_attention, store_prompts
+from treadle.engine.pass_context import CACHE_PASS, DECODE_PASS, SEGMENTS
 
 SEGMENT_ATTENTION = "treadle_segments"
 
@@ -39,6 +39,11 @@ def segment_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
+    decode_pass = DECODE_PASS.get()
+    if decode_pass is not None:
+        # Rows as a batch of one-token sequences: query [rows, heads, 1, dim], which is
+        # decode_attention's layout in and out.
+        return decode_attention(decode_pass, _layer(module), query, key, value, scaling), None
     cache_pass = CACHE_PASS.get()
     if cache_pass is not None:
         store_prompts(cache_pass, _layer(module), key, value)
@@ -81,7 +86,7 @@ def _causal_segments(
 
 def _segment_mask(*args: Any, **kwargs: Any) -> Tensor | None:
     # Packed and cached passes need no mask: their attention knows the boundaries.
-    if SEGMENTS.get() is not None or CACHE_PASS.get() is not None:
+    if any(pass_.get() is not None for pass_ in (SEGMENTS, CACHE_PASS, DECODE_PASS)):
         return None
     return sdpa_mask(*args, **kwargs)
 

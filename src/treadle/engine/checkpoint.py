@@ -91,7 +91,8 @@ def load_adapter(folder: Path, layers: dict[str, LoraLinear]) -> Adapter:
                 f"{folder}: {path} has LoRA shapes {tuple(a.shape)}, {tuple(b.shape)}, which do"
                 f" not fit this base model's {base.out_features}x{base.in_features} layer"
             )
-        adapter.pairs[path] = LoraPair(a.float().requires_grad_(), b.float().requires_grad_())
+        a, b = a.float().to(base.weight.device), b.float().to(base.weight.device)
+        adapter.pairs[path] = LoraPair(a.requires_grad_(), b.requires_grad_())
     if tensors:
         unknown = ", ".join(sorted(tensors)[:3])
         raise CheckpointError(f"{folder}: tensors for modules this base model lacks: {unknown}")

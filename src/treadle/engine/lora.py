@@ -95,7 +95,10 @@ def new_adapter(spec: LoraSpec, layers: dict[str, LoraLinear], seed: int | None 
         bound = 1.0 / math.sqrt(base.in_features)
         a = torch.empty(spec.rank, base.in_features).uniform_(-bound, bound, generator=generator)
         b = torch.zeros(base.out_features, spec.rank)
-        adapter.pairs[path] = LoraPair(a.requires_grad_(), b.requires_grad_())
+        # Drawn on the CPU (the same seed gives the same adapter on every device), kept
+        # where the layer's weight is.
+        device = base.weight.device
+        adapter.pairs[path] = LoraPair(a.to(device).requires_grad_(), b.to(device).requires_grad_())
     return adapter
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,9 @@ from treadle.engine.embedded import embedded_model_folder
 from treadle.engine.families import Family, UnsupportedFamily, family_of
 from treadle.engine.lora import LoraLinear, wrap_linears
 from treadle.types import ModelInfo
+
+if TYPE_CHECKING:
+    from treadle.engine.sharded import Sharding
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,17 @@ class BaseLM:
     eos_token_ids: tuple[int, ...]  # where sampling stops unless told otherwise
     device: torch.device
     tokenizer: PreTrainedTokenizerBase
+    # Set by engine.sharded.shard when the weights are divided across ranks.
+    sharding: Sharding | None = None
+
+    def gathered(self) -> contextlib.AbstractContextManager[None]:
+        """Within this block the weights outside the decoder layers (embeddings, final
+        norm, unembedding) are whole. Passes call the backbone and read the unembedding
+        themselves, so a sharded root module's own forward never gathers them; a no-op
+        for a model in one piece."""
+        if self.sharding is None:
+            return contextlib.nullcontext()
+        return self.sharding.root_gathered()
 
     @contextlib.contextmanager
     def checkpointed(self, enabled: bool) -> Iterator[None]:
@@ -136,7 +151,7 @@ def load_base_model(
     folder = resolve_folder(source, data_dir)
     config = AutoConfig.from_pretrained(folder)
     try:
-        family = family_of(config.model_type)
+        family_of(config.model_type)  # before any weights are read
     except UnsupportedFamily as exc:
         raise ModelSourceError(f"{source!r} is {exc}") from exc
     torch_device = torch.device(device)
@@ -148,21 +163,32 @@ def load_base_model(
     )
     # nn.Module.to rather than PreTrainedModel.to, whose typing confuses mypy.
     nn.Module.to(model, torch_device)
+    base = base_from_model(name, folder, model, AutoTokenizer.from_pretrained(folder))
+    log.info("loaded %s from %s in %.1fs", name, folder, time.perf_counter() - started)
+    return base
+
+
+def base_from_model(
+    name: str, folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> BaseLM:
+    """A :class:`BaseLM` over ``model`` where it is (loaded, or built from a config with
+    random weights by a benchmark): frozen, in eval mode, its linears wrapped for LoRA.
+    It must have been made with ``attn_implementation=SEGMENT_ATTENTION``."""
+    family = family_of(model.config.model_type)
     model.eval().requires_grad_(False)
     _enable_checkpointing(model)
     layers = wrap_linears(model, family)
-    log.info("loaded %s from %s in %.1fs", name, folder, time.perf_counter() - started)
     return BaseLM(
         name=name,
         folder=folder,
         model=model,
         layers=layers,
         family=family,
-        vocab_size=config.vocab_size,
-        max_context=config.max_position_embeddings,
+        vocab_size=model.config.vocab_size,
+        max_context=model.config.max_position_embeddings,
         eos_token_ids=_eos_ids(model),
-        device=torch_device,
-        tokenizer=AutoTokenizer.from_pretrained(folder),
+        device=next(model.parameters()).device,
+        tokenizer=tokenizer,
     )
 
 

@@ -15,6 +15,8 @@ read it:
   row of the pass holds sequences of these lengths back to back (training).
 - :func:`cached` — read by the same attention: a prefill pass whose keys and values are
   stored in the sampler's KV cache (:mod:`~treadle.engine.kv_cache`).
+- :func:`decoding` — read by the same attention: a decode pass run through the stock
+  modules (sharded models, :mod:`~treadle.engine.sharded`), one row per sequence.
 
 No context set means a plain pass of the base model. They are context variables, not
 globals, so each engine-loop thread sets its own; backward passes run inside the same
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, TypeVar
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from treadle.engine.kv_cache import CachePrefill
+    from treadle.engine.kv_cache import CacheDecode, CachePrefill
     from treadle.engine.lora import Adapter
 
 
@@ -61,6 +63,9 @@ SEGMENTS: contextvars.ContextVar[Sequence[int] | None] = contextvars.ContextVar(
 CACHE_PASS: contextvars.ContextVar[CachePrefill | None] = contextvars.ContextVar(
     "treadle_cache_pass", default=None
 )
+DECODE_PASS: contextvars.ContextVar[CacheDecode | None] = contextvars.ContextVar(
+    "treadle_decode_pass", default=None
+)
 
 T = TypeVar("T")
 
@@ -87,3 +92,9 @@ def packed(lengths: Sequence[int]) -> contextlib.AbstractContextManager[None]:
 def cached(cache_pass: CachePrefill) -> contextlib.AbstractContextManager[None]:
     """Within this block, passes write the KV cache as ``cache_pass`` says."""
     return _setting(CACHE_PASS, cache_pass)
+
+
+def decoding(decode_pass: CacheDecode) -> contextlib.AbstractContextManager[None]:
+    """Within this block, passes are decode steps of a batch of one-token sequences that
+    read and extend the KV cache as ``decode_pass`` says."""
+    return _setting(DECODE_PASS, decode_pass)

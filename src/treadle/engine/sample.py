@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from treadle.engine.decode import DecodeStack
-from treadle.engine.kv_cache import CachePrefill, KVCache, cache_decode
+from treadle.engine.kv_cache import CacheDecode, CachePrefill, KVCache, cache_decode
 from treadle.engine.lora import Adapter
 from treadle.engine.models import BaseLM
 from treadle.engine.pass_context import Span, cached, routing
@@ -138,8 +138,11 @@ class Sampler:
         self.limits = limits or SampleLimits()
         self._head = base.head
         # Re-points base's q/k/v and gate/up weights at views of fused buffers (same
-        # values; training reads them too): see decode.DecodeStack.
-        self._stack = DecodeStack(base)
+        # values; training reads them too): see decode.DecodeStack. Sharded weights are
+        # whole only inside their layer's forward, so those decode through the modules.
+        self._stack: Callable[[Tensor, CacheDecode], Tensor] = (
+            DecodeStack(base) if base.sharding is None else base.sharding.decode
+        )
         self._waiting: deque[_Request] = deque()
         self._running: list[_Sequence] = []
         self._cache: KVCache | None = None
@@ -165,7 +168,7 @@ class Sampler:
     def step(self) -> None:
         """Admit waiting requests (one prefill pass), then one decode pass for every
         running sequence; calls ``done`` for each request that finished."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self.base.gathered():
             admitted = self._admit()
             if admitted:
                 self._isolated(admitted, self._prefill)

@@ -171,6 +171,10 @@ def forward_backward(
     backward (see :func:`_pausing`): the engine loop decodes there when its share of time
     is due, so sampling never waits for a whole pass. It must leave the training models
     alone."""
+    if base.sharding is not None:
+        # A pause runs sampling passes, whose collectives must line up on every rank;
+        # ranks agree on the commands they are sent, not on when a pause falls due.
+        pause = None
     outcomes = [
         ForwardBackwardOutcome(logprobs=[np.empty(0, np.float32)] * len(w.data), loss=0.0)
         for w in works
@@ -207,6 +211,7 @@ def forward_backward(
                 torch.set_grad_enabled(not forward_only),
                 base.checkpointed(long_pass),
                 _pausing(base, None if long_pass else pause),
+                base.gathered(),
             ):
                 _run_pass(base, works, one_pass, outcomes, losses, backward=not forward_only)
             ran = True
