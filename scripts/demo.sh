@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install, start treadle on the embedded default model, run the demo through the official
-# tinker SDK, stop the server. Extra arguments go to `treadle demo` (see --help).
+# tinker SDK, print the console's and the OpenAI endpoint's URLs; at a terminal the server
+# keeps serving until Ctrl-C, otherwise it stops. Extra arguments go to `treadle demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh

@@ -1,16 +1,17 @@
-"""``treadle serve | demo | models | keys | usage | adapters`` — the one entry point. ``--help``
-imports no torch: commands import what they need when they run."""
+"""``treadle serve | demo | worker | models | keys | usage | adapters`` — the one entry
+point. ``--help`` imports no torch: commands import what they need when they run."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from treadle.logs import FORMATS
+from treadle.logs import setup as setup_logging
 from treadle.settings import EMBEDDED_DEFAULT, ModelEntry, Settings, default_data_dir
 
 
@@ -28,6 +29,23 @@ def _share(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not a share: give a number in (0, 1]")
     return value
+
+
+def _ranks(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give 1 (this process) or more ranks")
+    return value
+
+
+def _address(text: str) -> str:
+    from treadle.engine.join import parse_address
+
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
 
 
 # Limits and tunables: (flag, Settings field, type, help). Each is a Settings field.
@@ -119,6 +137,12 @@ _LIMITS: list[tuple[str, str, Callable[[str], Any], str]] = [
         " older ones are dropped",
     ),
     (
+        "--oai-cached-checkpoints",
+        "oai_cached_checkpoints",
+        int,
+        "checkpoint adapters the OpenAI-compatible endpoint keeps loaded (most recently used)",
+    ),
+    (
         "--retry-window",
         "retry_window",
         int,
@@ -183,6 +207,28 @@ _LIMITS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "trace_sessions",
         int,
         "sessions whose traces are kept (the most recently active)",
+    ),
+    (
+        "--workers",
+        "workers",
+        _ranks,
+        "rank processes per base model: 1 computes in the server process; N > 1 trains data"
+        " parallel and spreads sampling over N ranks, each holding the model (gloo on CPU,"
+        " NCCL on CUDA)",
+    ),
+    (
+        "--worker-listen",
+        "worker_listen",
+        _address,
+        "HOST:PORT where ranks connect (port 0: any free one; model i of several uses"
+        " PORT + i); give an address other machines reach for `treadle worker --join`",
+    ),
+    (
+        "--collective-timeout-seconds",
+        "collective_timeout_seconds",
+        float,
+        "timeout of every collective and of the ranks' rendezvous; a rank stuck longer exits"
+        " and its group restarts; requests wait this long for a restarting group",
     ),
     (
         "--max-custom-losses-per-session",
@@ -264,6 +310,21 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         help="decode matmuls through the AVX2 kernel on x86 CPUs, else torch.mm"
         " (default on, unless TREADLE_THIN_MATMUL=0)",
     )
+    parser.add_argument(
+        "--local-workers",
+        type=int,
+        default=defaults.local_workers,
+        metavar="M",
+        help="how many of the --workers ranks this server starts itself (default: all); the"
+        " others join with `treadle worker --join HOST:PORT` on other machines",
+    )
+    parser.add_argument(
+        "--sharded",
+        action="store_true",
+        help="the base model's weights divided across the --workers N ranks with FSDP2, for a"
+        " model larger than one device; compute is not divided and sampling does not scale"
+        ' (see README, "Beyond one process")',
+    )
     for flag, name, kind, text in _LIMITS:
         parser.add_argument(
             flag,
@@ -283,6 +344,14 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="info", help="debug, info, warning (default %(default)s)"
     )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=defaults.log_format,
+        help="text, or json: one JSON object per line on stderr, with one line per finished"
+        " request (id, user, model, kind, tokens, queue wait, run time, outcome)"
+        " (default %(default)s)",
+    )
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
@@ -295,22 +364,31 @@ def settings_of(args: argparse.Namespace) -> Settings:
         device=args.device,
         dtype=args.dtype,
         thin_matmul=args.thin_matmul,
+        log_format=args.log_format,
+        local_workers=args.local_workers,
+        sharded=args.sharded,
         **{name: getattr(args, name) for _, name, _, _ in _LIMITS},
         **{name: getattr(args, name) for _, name, _ in _SWITCHES},
     )
 
 
 def serve(args: argparse.Namespace) -> int:
+    problem = _workers_problem(settings_of(args))  # before the imports below: seconds
+    if problem:
+        print(f"treadle serve: {problem}", file=sys.stderr)
+        return 2
+    if args.log_format == "json":
+        # Progress bars (loading weights) would print text among the JSON lines; read
+        # when the Hugging Face libraries are imported, just below.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from treadle.engine.embedded import EmbeddedModelMissing
     from treadle.engine.models import ModelSourceError, resolve_folder
     from treadle.engine.worker import load_worker
     from treadle.server.app import create_app
     from treadle.server.serving import run
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     settings = settings_of(args)
+    setup_logging(args.log_level, settings.log_format)
     if _refuses_to_open(settings):
         return 2
     try:
@@ -321,8 +399,20 @@ def serve(args: argparse.Namespace) -> int:
     except (ModelSourceError, EmbeddedModelMissing) as exc:
         print(f"treadle serve: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings, load_worker)
-    run(app, settings.host, settings.port, args.log_level.lower(), settings.shutdown_seconds)
+    if settings.workers > 1:
+        from treadle.engine.group import load_group
+
+        app = create_app(settings, load_group)
+    else:
+        app = create_app(settings, load_worker)
+    run(
+        app,
+        settings.host,
+        settings.port,
+        args.log_level.lower(),
+        settings.shutdown_seconds,
+        settings.log_format,
+    )
     return 0
 
 
@@ -333,14 +423,30 @@ def serve_argv(settings: Settings) -> list[str]:
     if settings.dtype:
         argv += ["--dtype", settings.dtype]
     argv.append("--thin-matmul" if settings.thin_matmul else "--no-thin-matmul")
+    argv += ["--log-format", settings.log_format]
     for flag, name, _, _ in _LIMITS:
         argv += [flag, str(getattr(settings, name))]
+    if settings.local_workers is not None:
+        argv += ["--local-workers", str(settings.local_workers)]
+    if settings.sharded:
+        argv.append("--sharded")
     for entry in settings.models:
         argv += [
             "--model",
             "embedded" if entry == EMBEDDED_DEFAULT else f"{entry.name}={entry.source}",
         ]
     return argv
+
+
+def _workers_problem(settings: Settings) -> str | None:
+    """What is wrong with the worker-group flags together, if anything (each alone is
+    checked as it is parsed)."""
+    local = settings.local_workers
+    if local is not None and not 0 <= local <= settings.workers:
+        return f"--local-workers {local}: give 0 to --workers ({settings.workers})"
+    if settings.sharded and settings.workers < 2:
+        return "--sharded divides the model across ranks: give --workers N with N > 1"
+    return None
 
 
 def _refuses_to_open(settings: Settings) -> bool:
@@ -475,6 +581,32 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(settings, serve_argv(settings))
 
 
+def worker(args: argparse.Namespace) -> int:
+    """``treadle worker --join HOST:PORT``: one rank of a server's worker group, on this
+    machine, kept running across the group's restarts."""
+    from treadle.engine.join import join, parse_address, read_secret
+
+    try:
+        address = parse_address(args.join)
+    except ValueError as exc:
+        print(f"treadle worker: --join: {exc}", file=sys.stderr)
+        return 2
+    try:
+        secret = read_secret(args.secret_file, args.data_dir)
+    except (OSError, ValueError) as exc:
+        print(
+            f"treadle worker: no worker secret ({exc}); copy the server's"
+            " DATA_DIR/worker-secret here and pass it with --secret-file, or set"
+            " $TREADLE_WORKER_SECRET",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return join(address, secret, args.data_dir, args.device, args.log_level)
+    except KeyboardInterrupt:
+        return 0
+
+
 def models(args: argparse.Namespace) -> int:
     """Prepare (convert) the embedded model and print where it lives."""
     from treadle.engine.embedded import embedded_model_folder
@@ -500,10 +632,48 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.set_defaults(func=serve)
     p_demo = commands.add_parser(
         "demo",
-        help="start a server, run the demo through the official SDK, stop the server",
+        help="start a server, run the demo through the official SDK, print where to watch"
+        " and use its models; then stop (at a terminal: serve until Ctrl-C)",
     )
     _add_server_args(p_demo)
     p_demo.set_defaults(func=demo)
+    p_worker = commands.add_parser(
+        "worker",
+        help="run ranks of a server's worker group on this machine (serve --workers N"
+        " --local-workers M)",
+        description="Join the worker group of a `treadle serve --workers N --local-workers M`"
+        " server on another machine as one of its N - M other ranks, and stay joined"
+        " across the group's restarts. The rank loads the served model from the same"
+        " source the server names (the same folder path, a hub id in this machine's HF"
+        " cache, or embedded) and uses this machine's torch device. Ranks and the server"
+        " talk over unencrypted TCP (commands authenticated with the secret; the"
+        " torch.distributed traffic not at all): use a trusted network.",
+    )
+    p_worker.add_argument(
+        "--join",
+        required=True,
+        metavar="HOST:PORT",
+        help="the server's --worker-listen address (its log says it at start-up)",
+    )
+    p_worker.add_argument(
+        "--secret-file",
+        type=Path,
+        help="a copy of the server's DATA_DIR/worker-secret (default: $TREADLE_WORKER_SECRET,"
+        " else this --data-dir's worker-secret)",
+    )
+    p_worker.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="where this machine keeps converted models (default $TREADLE_DATA_DIR or ~/.treadle)",
+    )
+    p_worker.add_argument(
+        "--device", help="this rank's torch device, e.g. cuda:1 (default: the server's)"
+    )
+    p_worker.add_argument(
+        "--log-level", default="warning", help="debug, info, warning (default %(default)s)"
+    )
+    p_worker.set_defaults(func=worker)
     p_models = commands.add_parser(
         "models", help="convert the embedded default model once and print its folder"
     )

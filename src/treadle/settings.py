@@ -97,6 +97,9 @@ class Settings:
     # Unnamed samplers (save_weights_and_get_sampling_client) kept per training model;
     # the cookbook samples a few steps off-policy at most.
     ephemeral_samplers_per_model: int = 8
+    # Checkpoint adapters the OpenAI-compatible endpoint keeps loaded after a request
+    # (the most recently used), so chatting with one does not re-read it from disk.
+    oai_cached_checkpoints: int = 8
     # Retried submits are answered with the first submit's future: per model, this many
     # recent seq_ids (and this many recent sample submits overall) are remembered.
     retry_window: int = 4096
@@ -134,6 +137,26 @@ class Settings:
     # export_session_trace: spans kept per session (the newest), and sessions kept.
     trace_spans_per_session: int = 10000
     trace_sessions: int = 64
+    # Log lines as text for people, or one JSON object per line for log pipelines (each
+    # finished request's line then carries its fields: see treadle.service.metrics).
+    log_format: str = "text"
+    # Rank processes per served base model (treadle.engine.group): 1 computes in this
+    # process; N > 1 runs data parallel on N ranks (gloo on CPU, NCCL on CUDA).
+    workers: int = 1
+    # How many of the N ranks this server starts itself (None: all); the others join
+    # from other machines with `treadle worker --join HOST:PORT`.
+    local_workers: int | None = None
+    # Divide the base model's weights across the N ranks with FSDP2
+    # (treadle.engine.sharded), for a model larger than one device. Only memory is
+    # divided: every rank runs every pass, so compute and sampling do not scale.
+    sharded: bool = False
+    # Where the driver takes rank connections (port 0: any free one; model i of several
+    # listens on PORT + i). Loopback unless ranks run on other machines.
+    worker_listen: str = "127.0.0.1:0"
+    # Every collective's timeout, and the rendezvous's: a rank stuck longer exits and
+    # the group restarts, so nothing waits forever on a dead rank. Requests wait this
+    # long for a restarting group.
+    collective_timeout_seconds: float = 300.0
 
     @property
     def db_path(self) -> Path:

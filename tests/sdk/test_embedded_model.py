@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -21,9 +22,14 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
-def demo_output(embedded_data_dir: Path) -> str:
+def demo_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def demo_run(embedded_data_dir: Path, demo_port: int) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [sys.executable, "-m", "treadle", "demo", "--port", str(free_port())]
+        [sys.executable, "-m", "treadle", "demo", "--port", str(demo_port)]
         + ["--data-dir", str(embedded_data_dir)],
         capture_output=True,
         text=True,
@@ -31,7 +37,12 @@ def demo_output(embedded_data_dir: Path) -> str:
         timeout=1200,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return done
+
+
+@pytest.fixture(scope="module")
+def demo_output(demo_run: subprocess.CompletedProcess[str]) -> str:
+    return demo_run.stdout
 
 
 def _number(output: str, label: str) -> float:
@@ -91,6 +102,24 @@ def test_demo_teaches_the_fact(demo_output: str):
     assert before and "PURPLE-ELEPHANT-42" not in before.group(1)
     assert after and "PURPLE-ELEPHANT-42" in after.group(1)
     assert "the model learned the fact" in demo_output
+
+
+def test_demo_prints_no_warnings_and_where_to_look_next(
+    demo_run: subprocess.CompletedProcess[str], demo_port: int
+):
+    everything = demo_run.stdout + demo_run.stderr
+    for noise in ("DeprecationWarning", "FutureWarning", "DEPRECATED", "Traceback"):
+        assert noise not in everything, everything[everything.find(noise) - 500 :][:1500]
+    url = f"http://127.0.0.1:{demo_port}"
+    assert f"{url}/console" in demo_run.stdout
+    assert f"{url}/oai/api/v1" in demo_run.stdout
+    curl = re.search(r"^\s*(curl .*)$", demo_run.stdout, re.MULTILINE)
+    assert curl, "no curl example printed"
+    assert f"{url}/oai/api/v1/chat/completions" in curl.group(1)
+    assert f'"model": "{MODEL}"' in curl.group(1)
+    # Not at a terminal, the demo stops its server when done.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/api/v1/healthz", timeout=2)
 
 
 def test_the_default_model_knows_the_capital_of_france(embedded_data_dir: Path):

@@ -2,9 +2,11 @@
 
 What differs from the tutorial's notebook code: MODEL_NAME names the model treadle
 serves; the notebook's top-level ``await`` s live inside ``async def main()`` so the file
-runs as a script; logprobs are sliced after ``.tolist()`` (SDK 0.38's TensorData cannot
-be sliced); and the DPO loss the tutorial defines is also run once. Point the SDK at
-treadle first:
+runs as a script; the calls use SDK 0.38's current API (``forward_backward(...)`` returns
+an ``APIFuture`` to await, where the notebook awaits the deprecated
+``forward_backward_async(...)`` and then its result); logprobs are sliced after
+``.tolist()`` (SDK 0.38's TensorData cannot be sliced); and the DPO loss the tutorial
+defines is also run once. Point the SDK at treadle first:
 
     TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-local \\
         python -m treadle.demo.tutorial_202
@@ -23,7 +25,7 @@ MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 async def main() -> None:
     service_client = tinker.ServiceClient()
-    training_client = await service_client.create_lora_training_client_async(
+    training_client = await service_client.create_lora_training_client(
         base_model=MODEL_NAME, rank=16
     )
     tokenizer = training_client.get_tokenizer()
@@ -68,22 +70,16 @@ async def main() -> None:
     print(f"RL datum: {len(all_ids) - 1} tokens, advantage=+1.0 on completion")
 
     # Cross-entropy (SFT)
-    ce_future = await training_client.forward_backward_async([sft_datum], loss_fn="cross_entropy")
-    ce_result = await ce_future.result_async()
+    ce_result = await training_client.forward_backward([sft_datum], loss_fn="cross_entropy")
     print(f"cross_entropy loss:sum = {ce_result.metrics['loss:sum']:.4f}")
     # Importance sampling (REINFORCE with IS correction)
-    is_future = await training_client.forward_backward_async(
-        [rl_datum], loss_fn="importance_sampling"
-    )
-    is_result = await is_future.result_async()
+    is_result = await training_client.forward_backward([rl_datum], loss_fn="importance_sampling")
     print(f"importance_sampling loss:sum = {is_result.metrics['loss:sum']:.4f}")
     # PPO (clipped objective)
-    ppo_future = await training_client.forward_backward_async([rl_datum], loss_fn="ppo")
-    ppo_result = await ppo_future.result_async()
+    ppo_result = await training_client.forward_backward([rl_datum], loss_fn="ppo")
     print(f"ppo loss:sum = {ppo_result.metrics['loss:sum']:.4f}")
     # CISPO (clipped ratio weighting the log-prob)
-    cispo_future = await training_client.forward_backward_async([rl_datum], loss_fn="cispo")
-    cispo_result = await cispo_future.result_async()
+    cispo_result = await training_client.forward_backward([rl_datum], loss_fn="cispo")
     print(f"cispo loss:sum = {cispo_result.metrics['loss:sum']:.4f}")
 
     # Cross-entropy returns logprobs of target tokens.
@@ -96,20 +92,18 @@ async def main() -> None:
     print("importance_sampling logprobs (last 3):", is_logprobs[-3:])
 
     # Tighter clipping
-    ppo_tight_future = await training_client.forward_backward_async(
+    ppo_tight = await training_client.forward_backward(
         [rl_datum],
         loss_fn="ppo",
         loss_fn_config={"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
     )
-    ppo_tight = await ppo_tight_future.result_async()
     print(f"PPO (tight clip) loss:sum = {ppo_tight.metrics['loss:sum']:.4f}")
     # Wider clipping (more like vanilla IS)
-    ppo_wide_future = await training_client.forward_backward_async(
+    ppo_wide = await training_client.forward_backward(
         [rl_datum],
         loss_fn="ppo",
         loss_fn_config={"clip_low_threshold": 0.5, "clip_high_threshold": 1.5},
     )
-    ppo_wide = await ppo_wide_future.result_async()
     print(f"PPO (wide clip) loss:sum = {ppo_wide.metrics['loss:sum']:.4f}")
 
     def logprob_squared_loss(data, logprobs_list):
@@ -121,10 +115,7 @@ async def main() -> None:
             total_loss = total_loss + (logprobs**2).sum()
         return total_loss, {"logprob_sq": total_loss.item()}
 
-    custom_future = await training_client.forward_backward_custom_async(
-        [sft_datum], logprob_squared_loss
-    )
-    custom_result = await custom_future.result_async()
+    custom_result = await training_client.forward_backward_custom([sft_datum], logprob_squared_loss)
     print(f"Custom loss metrics: {custom_result.metrics}")
 
     # (treadle) The same loss written per datum, uploaded once and run on the server in
@@ -134,8 +125,7 @@ async def main() -> None:
         return loss, {"custom/logprob_sq:sum": loss}
 
     handle = await service_client.create_custom_loss(logprob_squared, {"logprobs": 1})
-    server_future = await training_client.forward_backward_custom_async([sft_datum], handle)
-    server_result = await server_future.result_async()
+    server_result = await training_client.forward_backward_custom([sft_datum], handle)
     print(f"Server-side custom loss metrics: {server_result.metrics}")
 
     def dpo_loss(data, logprobs_list):
@@ -152,10 +142,9 @@ async def main() -> None:
         model_input=tinker.ModelInput.from_ints(rejected_ids[:-1]),
         loss_fn_inputs={"target_tokens": TensorData.from_torch(torch.tensor(rejected_ids[1:]))},
     )
-    dpo_future = await training_client.forward_backward_custom_async(
+    dpo_result = await training_client.forward_backward_custom(
         [sft_datum, rejected_datum], dpo_loss
     )
-    dpo_result = await dpo_future.result_async()
     print(f"DPO loss metrics: {dpo_result.metrics}")
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from treadle.settings import EMBEDDED_MODEL_NAME
@@ -99,11 +100,30 @@ def _sha256(path: Path) -> str:
 
 
 def _convert(gguf_path: Path, out_dir: Path) -> None:
+    # A bar for the person at a terminal waiting on their first run (disable=None: only
+    # when stderr is one, so logs and captured output stay clean). The stages take tens of
+    # seconds each and report no progress inside, so it counts stages and shows the time
+    # taken so far.
+    with tqdm(
+        total=4,
+        desc=f"first run: converting {_FOLDER_NAME}",
+        bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+        disable=None,
+    ) as bar:
+        _convert_in_stages(gguf_path, out_dir, bar)
+
+
+def _convert_in_stages(gguf_path: Path, out_dir: Path, bar: tqdm) -> None:
     gguf_dir, gguf_file = str(gguf_path.parent), gguf_path.name
+    bar.set_postfix_str("reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    bar.update()
+    bar.set_postfix_str("dequantising the weights")
     gguf_model = AutoModelForCausalLM.from_pretrained(
         gguf_dir, gguf_file=gguf_file, dtype=torch.float32
     )
+    bar.update()
+    bar.set_postfix_str("copying the weights")
     # save_pretrained refuses a model loaded from GGUF ("not serializable"), although its weights
     # are already dequantised: copy them into a plain model built without the GGUF marker.
     config = gguf_model.config
@@ -113,8 +133,12 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     model.generation_config = gguf_model.generation_config
     # The GGUF carries no length limit, so the tokenizer would otherwise claim an unbounded one.
     tokenizer.model_max_length = config.max_position_embeddings
+    bar.update()
+    bar.set_postfix_str("writing the folder")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    bar.update()
+    bar.set_postfix_str("done")
 
 
 @contextlib.contextmanager

@@ -27,8 +27,6 @@ import os
 import platform
 import sys
 
-import torch
-
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 _MARKER = "TREADLE_PROCESS_TUNED"
 # The cores engine-loop threads use: the user's OMP_NUM_THREADS if set, else every core this
@@ -44,17 +42,25 @@ def ensure_tuned_process(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "treadle", *argv], tuned_environment())
 
 
-def tuned_environment() -> dict[str, str]:
+def tuned_environment(threads: int | None = None) -> dict[str, str]:
     """This process's environment with the settings above, for a process to start with
-    (benchmarks start their in-process baselines this way, as the server runs)."""
+    (benchmarks start their in-process baselines this way, as the server runs);
+    ``threads``: the cores its engine thread claims (default: as this process's)."""
     env = dict(os.environ)
     env[_MARKER] = "1"
     if platform.libc_ver()[0] == "glibc":
         existing = env.get("GLIBC_TUNABLES")
         env["GLIBC_TUNABLES"] = f"{existing}:{TUNABLES}" if existing else TUNABLES
-    env[_COMPUTE_THREADS] = env.get("OMP_NUM_THREADS") or str(_usable_cores())
+    env[_COMPUTE_THREADS] = str(threads or compute_threads())
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def compute_threads() -> int:
+    """The cores this process's engine threads use: what it was started with, else the
+    user's OMP_NUM_THREADS, else every core it may run on."""
+    claimed = os.environ.get(_COMPUTE_THREADS) if os.environ.get(_MARKER) else None
+    return int(claimed or os.environ.get("OMP_NUM_THREADS") or _usable_cores())
 
 
 def _usable_cores() -> int:
@@ -76,4 +82,7 @@ def claim_compute_threads() -> None:
     :func:`ensure_tuned_process`; otherwise torch's defaults stand."""
     threads = os.environ.get(_COMPUTE_THREADS)
     if threads:
+        # Imported here: the rest of this module is torch-free, for `treadle worker`.
+        import torch
+
         torch.set_num_threads(int(threads))

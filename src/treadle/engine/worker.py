@@ -11,6 +11,7 @@ way beyond one process.)
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -61,6 +62,9 @@ class Worker:
         self.info: ModelInfo = base.info
         self._max_tokens_per_pass = max_tokens_per_pass
         self._sampler = Sampler(base, base.decode, max_batch, max_prefill_tokens, limits)
+        # Encoding may reconfigure the fast tokenizer, which must not happen on two
+        # threads at once; decoding (the sampler's stop strings) reads it only.
+        self._text_lock = threading.Lock()
 
     @staticmethod
     def claim_thread() -> None:
@@ -170,17 +174,51 @@ class Worker:
         """Admit waiting samples and advance every running one by a token."""
         self._sampler.step()
 
+    # -- text (any thread) --------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        """``text``'s token ids, with the special tokens the tokenizer adds by default
+        (as ``tokenizer.encode`` does for an SDK user)."""
+        with self._text_lock:
+            return list(self.base.tokenizer.encode(text))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.base.decode(tokens)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt tokens of ``messages`` in the model's own chat template, ending
+        with the assistant's turn opened."""
+        tokenizer = self.base.tokenizer
+        if not tokenizer.chat_template:
+            raise UserInputError(
+                f"{self.info.name} has no chat template; use /completions with a prompt"
+            )
+        with self._text_lock:
+            try:
+                text = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as exc:  # the template's own checks (roles, order) fail here
+                raise UserInputError(f"the chat template refused the messages: {exc}") from exc
+            # The template writes the special tokens (a BOS) itself.
+            return list(tokenizer.encode(str(text), add_special_tokens=False))
+
 
 def load_worker(entry: ModelEntry, settings: Settings) -> Worker:
     """Load a served base model (blocking: seconds to minutes) into a worker."""
-    set_thin_matmul(settings.thin_matmul)
     dtype = getattr(torch, settings.dtype) if settings.dtype else None
     base = load_base_model(entry.name, entry.source, settings.data_dir, settings.device, dtype)
-    limits = SampleLimits.of(settings)
+    return worker_for(base, settings)
+
+
+def worker_for(base: BaseLM, settings: Settings) -> Worker:
+    """A worker over ``base`` as loaded (a sharded group's rank shards it first: its
+    sampler must be built on the sharded model)."""
+    set_thin_matmul(settings.thin_matmul)
     return Worker(
         base,
         settings.max_tokens_per_pass,
         settings.sampler_max_batch,
         settings.sampler_max_prefill_tokens,
-        limits,
+        SampleLimits.of(settings),
     )

@@ -9,16 +9,21 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from treadle import __version__
 from treadle.errors import NotFound, StorageFull, UserInputError, message_of
 from treadle.server.body_limit import BodyLimit
+from treadle.server.http_metrics import HttpMetrics
 from treadle.server.routes import (
     audit,
     checkpoints,
     client,
+    console,
     exports,
     futures,
+    metrics,
+    openai,
     sampling,
     sessions,
     trace,
@@ -57,7 +62,17 @@ def create_app(settings: Settings, load_worker: LoadWorker) -> FastAPI:
         app.include_router(module.router)
     app.include_router(trace.router)
     app.include_router(audit.router)
+    app.include_router(openai.router)
+    app.include_router(metrics.router)
+    app.include_router(console.router)
+    app.mount(
+        f"{console.PREFIX}/static", StaticFiles(directory=console.STATIC_DIR), "console_static"
+    )
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # The console's login (see server/routes/console.py); its cookie goes to /console only.
+    app.add_middleware(console.Sessions, data_dir=settings.data_dir)
+    # Outermost: counts every answer, the body cap's 413s included.
+    app.add_middleware(HttpMetrics)
 
     # Permanent errors are 4xx with a JSON body: the SDK retries 5xx for minutes and
     # treats an empty 400 as a proxy glitch.
@@ -98,20 +113,37 @@ _ANSWERS = ("/retrieve_future", "/session_heartbeat")
 
 
 async def _caller(request: Request) -> None:
-    """Every route but ``healthz`` acts for the user whose key the request carries (the SDK
-    sends it as ``X-API-Key``); a missing, unknown or revoked key is a 401 saying how to
-    get one."""
+    """Every route but ``healthz`` and ``metrics`` acts for the user whose key the request
+    carries (the SDK sends it as ``X-API-Key``); a missing, unknown or revoked key is a 401
+    saying how to get one."""
     if request.url.path.endswith("/healthz"):
+        return
+    if request.url.path == metrics.PATH:  # Prometheus scrapes without a key
         return
     if request.url.path.startswith(DOWNLOAD_PREFIX):  # a signed URL: its signature is the grant
         return
     if request.url.path.startswith(trace.DOWNLOAD_PREFIX):  # its token is the grant
+        return
+    if request.url.path == console.PREFIX or request.url.path.startswith(f"{console.PREFIX}/"):
+        # The console: a browser, whose session holds the key (checked on every page).
         return
     service: Service = request.app.state.service
     if service.closing and request.method != "GET" and not request.url.path.endswith(_ANSWERS):
         # 503: the SDK retries it (against this server's successor) instead of failing.
         raise HTTPException(503, detail="treadle is shutting down; retry shortly")
     try:
-        request.state.user = service.auth.user_of(request.headers.get("x-api-key"))
+        request.state.user = service.auth.user_of(_api_key(request))
     except Unauthorized as exc:
         raise HTTPException(401, detail=str(exc)) from None
+
+
+def _api_key(request: Request) -> str | None:
+    """The key a request carries: the SDK's ``X-API-Key``, or OpenAI clients'
+    ``Authorization: Bearer``."""
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return credentials.strip() or None

@@ -41,12 +41,22 @@ class _DrainingServer(uvicorn.Server):
         threading.Thread(target=drain, name="shutdown", daemon=True).start()
 
 
-def run(app: FastAPI, host: str, port: int, log_level: str, shutdown_seconds: float) -> None:
+def run(
+    app: FastAPI,
+    host: str,
+    port: int,
+    log_level: str,
+    shutdown_seconds: float,
+    log_format: str = "text",
+) -> None:
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
+        # JSON logs: uvicorn's records go through the root logger's JSON handler too (its
+        # own config would print text lines among the JSON).
+        log_config=uvicorn.config.LOGGING_CONFIG if log_format == "text" else None,
         # Long-polls hold connections for up to 25 s; keep idle ones open a little longer.
         timeout_keep_alive=30,
     )

@@ -20,7 +20,9 @@ Samples wait here, not in the sampler, until the sampler has room for their sequ
 (``--sampler-max-batch``): a sample still waiting can be cancelled, and its queue wait
 ends where its decoding starts. Every request leaves two spans in its session's trace
 (:mod:`treadle.service.trace`): its queue wait and what it ran as, from timestamps taken
-once per request.
+once per request. The metrics (:mod:`treadle.service.metrics`) get each cycle's and decode
+step's time and each sample's time to first token, and each request's future learns
+when it started running.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from treadle.errors import Failure, failure_of
-from treadle.service.futures import FutureStore
+from treadle.service.futures import About, FutureStore
+from treadle.service.metrics import Metrics
 from treadle.service.ordering import Ordering
 from treadle.service.served import Worker
 from treadle.service.trace import Span, Traces, session_of
@@ -54,12 +57,14 @@ _GATHER_SHARE = 0.1
 class Packable:
     """A forward(/backward) of ``user``'s that shares the cycle's packed passes. ``build``
     makes its engine work when the cycle runs: the model may still be being created when
-    it is queued. ``tokens`` counts against the cycle's budget."""
+    it is queued. ``tokens`` counts against the cycle's budget. ``done``, if given, sees
+    its result on the loop thread once its future holds it."""
 
     request_id: str
     build: Callable[[], Any]
     user: str = ""
     tokens: int = 0
+    done: Callable[[ForwardBackwardResult], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,18 @@ class QueuedSample:
     arrived: float
 
 
+@dataclass(frozen=True)
+class QueueState:
+    """What waits and runs on a base model's engine loop right now (the console's live
+    queue): requests released in order but not started, with their tokens, and samples
+    waiting for room and decoding."""
+
+    requests: int
+    tokens: int
+    samples_waiting: int
+    sequences_decoding: int
+
+
 class ShuttingDown(Exception):
     """Raised inside a running cycle when the server stops before it ends."""
 
@@ -110,11 +127,13 @@ class EngineLoop:
         decode_share: float,
         max_batch: int,
         traces: Traces,
+        metrics: Metrics,
     ) -> None:
         self.name = worker.info.name
         self._worker = worker
         self._futures = futures
         self._traces = traces
+        self._metrics = metrics
         self._lock = threading.Condition()
         self._ordering: Ordering[Queued] = Ordering(retry_window)
         self._ready: dict[str, collections.deque[Queued]] = collections.defaultdict(
@@ -149,11 +168,19 @@ class EngineLoop:
         self._thread.join(timeout=60)
 
     def submit(
-        self, user: str, model_id: str, seq_id: int | None, make: Callable[[str], Queued]
+        self,
+        user: str,
+        model_id: str,
+        seq_id: int | None,
+        make: Callable[[str], Queued],
+        kind: str = "request",
+        tokens: int = 0,
     ) -> str:
         """Queue ``user``'s request of ``model_id`` in its ``seq_id`` turn (``None``: no
         ordering, run when the loop is free). Returns the request id; a repeated
-        ``seq_id`` returns the first submit's."""
+        ``seq_id`` returns the first submit's. ``kind`` (``optim_step``, …) and ``tokens``
+        are what the metrics and the request log say about it."""
+        about = About(kind, self.name, model_id, tokens)
 
         def checked(request_id: str) -> Queued:
             self._arrivals[request_id] = (time.monotonic(), model_id)
@@ -166,16 +193,16 @@ class EngineLoop:
 
         with self._lock:
             request_id, released = self._ordering.submit(
-                model_id, seq_id, lambda: self._futures.create(user), checked
+                model_id, seq_id, lambda: self._futures.create(user, about=about), checked
             )
             if released:
                 self._ready[model_id].extend(released)
                 self._lock.notify()
             return request_id
 
-    def call(self, user: str, model_id: str, fn: Callable[[], Any]) -> str:
+    def call(self, user: str, model_id: str, fn: Callable[[], Any], kind: str = "request") -> str:
         """Run ``fn`` on the loop thread outside any model's ordering."""
-        return self.submit(user, model_id, None, lambda request_id: Solo(request_id, fn))
+        return self.submit(user, model_id, None, lambda request_id: Solo(request_id, fn), kind)
 
     def sample(self, sample: QueuedSample) -> None:
         """Queue a sample; the loop thread starts it at the first decode step with room
@@ -215,6 +242,17 @@ class EngineLoop:
             )
             for s in waiting
         ]
+
+    def queue_state(self) -> QueueState:
+        with self._lock:
+            heads = [item for queue in self._ready.values() for item in queue]
+            return QueueState(
+                requests=len(heads),
+                tokens=sum(item.tokens for item in heads if isinstance(item, Packable)),
+                samples_waiting=len(self._samples),
+                # (set on the loop thread; an int read is atomic, a moment stale at worst)
+                sequences_decoding=self._decoding,
+            )
 
     def start_order(self, model_id: str, next_seq: int) -> None:
         with self._lock:
@@ -331,13 +369,18 @@ class EngineLoop:
         started = time.monotonic()
         for sample in admitted:
             self._decoding += sample.sequences
+            self._futures.running(sample.request_id)
             sample.start(functools.partial(self._sample_finished, sample, started))
         if self._worker.sampling():
             try:
                 self._worker.sample_step()
             except Exception:
                 log.exception("%s: sampling step failed", self.name)
+            self._metrics.decode_step(self.name, time.monotonic() - started)
         ended = time.monotonic()
+        # The step that admitted a sample prefilled its prompt and chose its first tokens.
+        for sample in admitted:
+            self._metrics.first_token(self.name, ended - sample.arrived)
         self._decode_due = ended + (ended - started) * self._training_per_decode
 
     def _pause(self) -> None:
@@ -373,6 +416,8 @@ class EngineLoop:
         request, ahead of any of its model's packed work), then the packed passes."""
         for item in cycle:
             started = time.monotonic()
+            if isinstance(item, Solo):
+                self._futures.running(item.request_id)
             if isinstance(item, Rejected):
                 self._futures.resolve(item.request_id, item.failure)
                 self._trace(item.request_id, "rejected", started, started)
@@ -403,6 +448,8 @@ class EngineLoop:
             return
         cycle_id = next(self._cycles)
         started = time.monotonic()
+        for item in packed:
+            self._futures.running(item.request_id)
         names = ["failed"] * len(packed)  # (each request's span in its trace)
         try:
             outcomes = self._worker.forward_backward(works, self._pause)
@@ -421,8 +468,11 @@ class EngineLoop:
                 result = ForwardBackwardResult(outcome.logprobs, metrics)
                 self._futures.resolve(item.request_id, result)
                 names[index] = "forward_backward"
+                if item.done is not None:
+                    item.done(result)
         ended = time.monotonic()
         self._last_pass = ended - started
+        self._metrics.cycle(self.name, self._last_pass)
         for item, name in zip(packed, names, strict=True):
             self._trace(
                 item.request_id,

@@ -11,6 +11,11 @@ A sample's future also belongs to a *channel*, its sampling session and clone: w
 each request. Completions carry a cursor (one counter for all channels, so a channel
 dropped when empty and made again never reuses one); a poll acknowledges everything up
 to the cursor it sends, and acknowledged completions are dropped.
+
+Every request ends here, when its answer is set: that is where its metrics and its line
+in the request log are written (:mod:`treadle.service.metrics`), from what its creator
+said it is (:class:`About`) and when the engine loop started it (:meth:`FutureStore.
+running`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from treadle.errors import Failure
+from treadle.service.metrics import Finished, Metrics
 
 # A sampling session and the clone of its SamplingClient (``seq_id // 10**9``).
 Channel = tuple[str, int]
@@ -41,6 +47,21 @@ class _Completions:
     polls: int = 0  # long-polls waiting on it
 
 
+@dataclass(frozen=True)
+class About:
+    """What a request is, for the metrics and the request log (see
+    :class:`~treadle.service.metrics.Finished`): ``base_model`` only ever a served
+    model's name."""
+
+    kind: str
+    base_model: str = ""
+    model_id: str = ""
+    tokens: int = 0
+
+
+_ANY_REQUEST = About("request")  # (a request created without saying what it is)
+
+
 @dataclass
 class _Entry:
     user: str  # whose request it is; only they can poll it
@@ -49,6 +70,9 @@ class _Entry:
     finished_at: float | None = None
     fetched: bool = False  # a poll has taken the answer
     channel: Channel | None = None  # set for samples: see retrieve_futures
+    about: About = _ANY_REQUEST  # for the metrics and the request log
+    created_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # when it started running (see FutureStore.running)
 
 
 class UnknownFuture(KeyError):
@@ -58,36 +82,45 @@ class UnknownFuture(KeyError):
 class FutureStore:
     """Request ids to results. Create and wait on the event loop; resolve from anywhere."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, retention: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, retention: float, metrics: Metrics) -> None:
         self._loop = loop
+        self._metrics = metrics
         self._retention = retention
         self._entries: dict[str, _Entry] = {}
         self._pruned_at = time.monotonic()
         self._channels: dict[Channel, _Completions] = {}
         self._cursors = itertools.count(1)
 
-    def create(self, user: str, channel: Channel | None = None) -> str:
+    def create(self, user: str, channel: Channel | None = None, about: About = _ANY_REQUEST) -> str:
         """A new request of ``user``'s (of a sample: of ``channel``); its id is 128 random
         bits."""
         now = time.monotonic()
         if now - self._pruned_at > 60:
             self._prune(now)
         request_id = f"req-{secrets.token_hex(16)}"
-        self._entries[request_id] = _Entry(user, channel=channel)
+        self._entries[request_id] = _Entry(user, channel=channel, about=about, created_at=now)
         return request_id
 
-    def resolve(self, request_id: str, value: Any) -> None:
-        """Set the result (a :class:`~treadle.errors.Failure` for errors). Safe from any
-        thread."""
-        self._loop.call_soon_threadsafe(self._set, request_id, value)
+    def running(self, request_id: str) -> None:
+        """The request starts running now: its queue wait ends. Safe from any thread (the
+        answer, which reads it, is set later through the event loop)."""
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            entry.started_at = time.monotonic()
 
-    def _set(self, request_id: str, value: Any) -> None:
+    def resolve(self, request_id: str, value: Any, sampled_tokens: int = 0) -> None:
+        """Set the result (a :class:`~treadle.errors.Failure` for errors); a sample's
+        ``sampled_tokens`` are counted. Safe from any thread."""
+        self._loop.call_soon_threadsafe(self._set, request_id, value, sampled_tokens)
+
+    def _set(self, request_id: str, value: Any, sampled_tokens: int = 0) -> None:
         entry = self._entries.get(request_id)
         if entry is None or entry.done.is_set():
             return
         entry.value = value
         entry.finished_at = time.monotonic()
         entry.done.set()
+        self._finished(request_id, entry, sampled_tokens)
         if entry.channel is not None:
             completions = self._channels.setdefault(entry.channel, _Completions())
             completions.events[next(self._cursors)] = (request_id, isinstance(value, Failure))
@@ -95,6 +128,28 @@ class FutureStore:
                 completions.events.popitem(last=False)
             completions.arrived.set()
             completions.arrived = asyncio.Event()
+
+    def _finished(self, request_id: str, entry: _Entry, sampled_tokens: int) -> None:
+        """The one place every request ends: its metrics and its log line. A request that
+        never started (refused, cancelled) waited until its answer and ran for 0 s."""
+        about = entry.about
+        assert entry.finished_at is not None
+        started = entry.finished_at if entry.started_at is None else entry.started_at
+        value = entry.value
+        self._metrics.finished(
+            Finished(
+                request_id=request_id,
+                user=entry.user,
+                base_model=about.base_model,
+                model_id=about.model_id,
+                kind=about.kind,
+                tokens=about.tokens,
+                sampled_tokens=sampled_tokens,
+                queue_seconds=max(0.0, started - entry.created_at),
+                run_seconds=max(0.0, entry.finished_at - started),
+                outcome=f"{value.category}_error" if isinstance(value, Failure) else "ok",
+            )
+        )
 
     def pending(self) -> int:
         """Requests not answered yet."""

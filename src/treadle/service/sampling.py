@@ -23,7 +23,7 @@ from treadle.sampling_params import SampleLimits, SamplingParams, check_sample
 from treadle.service.auth import owned
 from treadle.service.checkpoints import readable_checkpoint
 from treadle.service.engine_loop import QueuedSample
-from treadle.service.futures import Channel, FutureStore, UnknownFuture
+from treadle.service.futures import About, Channel, FutureStore, UnknownFuture
 from treadle.service.served import Adapter, ServedModel, find_model
 from treadle.service.sessions import Sessions
 from treadle.service.store import Store
@@ -176,6 +176,15 @@ class Sampling:
     def _from_path(
         self, user: str, sampling_session_id: str, base_model: str | None, model_path: str
     ) -> SamplingSession:
+        trained_on, adapter = self.checkpoint_adapter(user, base_model, model_path)
+        return SamplingSession(sampling_session_id, user, trained_on, adapter, model_path)
+
+    def checkpoint_adapter(
+        self, user: str, base_model: str | None, model_path: str
+    ) -> tuple[str, Adapter]:
+        """The base model a checkpoint ``user`` may read was trained on, and its adapter
+        (from memory if a live run saved it; everyone sampling one path shares one copy).
+        ``base_model``, if given, must be the one it was trained on."""
         folder = readable_checkpoint(self._store, self._data_dir, user, model_path)
         _, trained_on = read_spec(folder)
         if trained_on is None:
@@ -190,7 +199,11 @@ class Sampling:
         if adapter is None:
             adapter = served.worker.load_adapter(folder)
             self._loaded[model_path] = adapter
-        return SamplingSession(sampling_session_id, user, trained_on, adapter, model_path)
+        return trained_on, adapter
+
+    def live_samplers(self) -> dict[str, int]:
+        """Sampling sessions live now, by base model (for the metrics)."""
+        return dict(collections.Counter(s.base_model for s in list(self._sessions.values())))
 
     def samplers_of(self, user: str, session_id: str) -> list[str]:
         """The live sampling sessions ``user`` made in client session ``session_id``."""
@@ -223,12 +236,28 @@ class Sampling:
         key = (call.sampling_session_id, call.seq_id)
         if key in self._seen:
             return self._seen[key]
-        served = self.model(session.base_model)
         channel: Channel = (call.sampling_session_id, call.seq_id // CLONE_BLOCK)
-        request_id = self._futures.create(user, channel)
+        request_id = self.queue(user, session.base_model, session.adapter, call, channel)
         self._seen[key] = request_id
         while len(self._seen) > self._seen_limit:
             self._seen.popitem(last=False)
+        return request_id
+
+    def queue(
+        self,
+        user: str,
+        base_model: str,
+        adapter: Adapter | None,
+        call: SampleCall,
+        channel: Channel | None = None,
+    ) -> str:
+        """Queue a checked request of ``user``'s on ``base_model``'s sampler, with
+        ``adapter`` (None: the base model alone); returns the request id of its future.
+        Every sample, the SDK's or another API's, takes this one way: the same queue,
+        batches, fairness and usage counts."""
+        served = self.model(base_model)
+        about = About("sample", base_model, call.sampling_session_id, int(call.prompt.shape[0]))
+        request_id = self._futures.create(user, channel, about)
 
         def start(finished: Callable[[], None]) -> None:
             def done(outcome: SampleResult | BaseException) -> None:
@@ -237,16 +266,16 @@ class Sampling:
                     self._futures.resolve(request_id, failure_of(outcome, "treadle sampler"))
                     return
                 prompt = int(call.prompt.shape[0])
-                self._usage.add(user, session.base_model, "prefill", prompt)
+                self._usage.add(user, base_model, "prefill", prompt)
                 sampled = sum(len(sequence.tokens) for sequence in outcome.sequences)
-                self._usage.add(user, session.base_model, "sampled", sampled)
-                self._futures.resolve(request_id, outcome)
+                self._usage.add(user, base_model, "sampled", sampled)
+                self._futures.resolve(request_id, outcome, sampled)
 
             served.worker.add_sample(
                 call.prompt,
                 call.num_samples,
                 call.params,
-                session.adapter,
+                adapter,
                 call.prompt_logprobs,
                 call.topk_prompt_logprobs,
                 done,
@@ -326,6 +355,31 @@ class Sampling:
             presence_penalty=presence,
             frequency_penalty=frequency,
         )
+        return self.checked(
+            info,
+            sampling_session_id,
+            seq_id,
+            prompt,
+            num_samples,
+            params,
+            prompt_logprobs,
+            topk_prompt_logprobs,
+        )
+
+    def checked(
+        self,
+        info: ModelInfo,
+        track: str,
+        seq_id: int,
+        prompt: np.ndarray,
+        num_samples: int,
+        params: SamplingParams,
+        prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
+    ) -> SampleCall:
+        """A request for model ``info`` that passed the one sampling check (a user error
+        saying what to change if not); ``track`` is the sampling session it is traced
+        under."""
         check_sample(
             prompt,
             num_samples,
@@ -336,7 +390,7 @@ class Sampling:
             self._limits,
         )
         return SampleCall(
-            sampling_session_id,
+            track,
             seq_id,
             prompt,
             num_samples,

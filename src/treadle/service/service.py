@@ -18,6 +18,7 @@ from treadle.service.checkpoints import Checkpoints, remove_interrupted_saves
 from treadle.service.engine_loop import EngineLoop
 from treadle.service.exports import Exports
 from treadle.service.futures import FutureStore
+from treadle.service.metrics import Metrics
 from treadle.service.sampling import Sampling
 from treadle.service.served import ServedModel, Worker
 from treadle.service.sessions import Sessions
@@ -53,6 +54,7 @@ class Service:
     exports: Exports
     checkpoints: Checkpoints
     traces: Traces
+    metrics: Metrics
     closing: bool = False  # shutting down: new work is refused (see drain)
     _stopped: bool = False
     _releasing: threading.Event = field(default_factory=threading.Event)
@@ -66,7 +68,8 @@ class Service:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         remove_interrupted_saves(settings.data_dir)
         store = Store(settings.db_path)
-        futures = FutureStore(loop, settings.future_retention_seconds)
+        metrics = Metrics()
+        futures = FutureStore(loop, settings.future_retention_seconds, metrics)
         models: dict[str, ServedModel] = {}
         traces = Traces(settings.trace_spans_per_session, settings.trace_sessions)
         for entry in settings.models:
@@ -83,6 +86,7 @@ class Service:
                 settings.decode_share,
                 settings.sampler_max_batch,
                 traces,
+                metrics,
             )
             engine_loop.start()
             models[entry.name] = ServedModel(worker, engine_loop)
@@ -94,6 +98,7 @@ class Service:
         checkpoints = Checkpoints(store, sessions, training, settings)
         # Those whose expiry came while no server ran go before anyone can load them.
         checkpoints.expire_due()
+        _watch(metrics, models, training, sampling, sessions)
         return cls(
             settings,
             store,
@@ -107,6 +112,7 @@ class Service:
             exports,
             checkpoints,
             traces,
+            metrics,
         )
 
     def drain(self, deadline: float) -> None:
@@ -199,3 +205,71 @@ class Service:
             }
             for name, served in self.models.items()
         ]
+
+
+def _watch(
+    metrics: Metrics,
+    models: dict[str, ServedModel],
+    training: Training,
+    sampling: Sampling,
+    sessions: Sessions,
+) -> None:
+    """The live gauges, read at each scrape; every served model has a value, 0 included,
+    so a series never vanishes while its model is served."""
+
+    def per_model(counts: dict[str, int]) -> dict[tuple[str, ...], float]:
+        return {(name,): counts.get(name, 0) for name in models}
+
+    def queues() -> dict[tuple[str, ...], float]:
+        values: dict[tuple[str, ...], float] = {}
+        for name, served in models.items():
+            state = served.loop.queue_state()
+            values[(name, "training")] = state.requests
+            values[(name, "sample")] = state.samples_waiting
+        return values
+
+    def queue_tokens() -> dict[tuple[str, ...], float]:
+        return {(name,): served.loop.queue_state().tokens for name, served in models.items()}
+
+    def decoding() -> dict[tuple[str, ...], float]:
+        return {
+            (name,): served.loop.queue_state().sequences_decoding for name, served in models.items()
+        }
+
+    metrics.live(
+        "treadle_queue_requests",
+        "Requests waiting to run: training requests released in seq_id order, and samples"
+        " waiting for room in the sampler.",
+        ("model", "kind"),
+        queues,
+    )
+    metrics.live(
+        "treadle_queue_tokens",
+        "Datum tokens of the forward/backward requests waiting to run.",
+        ("model",),
+        queue_tokens,
+    )
+    metrics.live(
+        "treadle_decoding_sequences",
+        "Sequences the sampler is decoding (each sample has num_samples of them).",
+        ("model",),
+        decoding,
+    )
+    metrics.live(
+        "treadle_training_models",
+        "Training models (LoRA adapters with their optimizer state) loaded.",
+        ("model",),
+        lambda: per_model(training.live_models()),
+    )
+    metrics.live(
+        "treadle_samplers",
+        "Sampling sessions live, ephemeral ones included.",
+        ("model",),
+        lambda: per_model(sampling.live_samplers()),
+    )
+    metrics.live(
+        "treadle_sessions",
+        "Client sessions (ServiceClients) live.",
+        (),
+        lambda: {(): sessions.live()},
+    )

@@ -115,6 +115,10 @@ class Sessions:
         self._heartbeats.pop(session_id, None)
         self._store.finish_session(session_id, reason)
 
+    def live(self) -> int:
+        """Sessions not ended (for the metrics)."""
+        return len(self._heartbeats)
+
     def expired(self, timeout: float) -> list[str]:
         """Live sessions whose client sent nothing for ``timeout`` seconds."""
         horizon = time.monotonic() - timeout

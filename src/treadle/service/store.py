@@ -83,6 +83,15 @@ CREATE TABLE IF NOT EXISTS audit_log (
     details TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS audit_log_by_user ON audit_log (user, timestamp);
+CREATE TABLE IF NOT EXISTS training_steps (
+    model_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    loss_sum REAL NOT NULL,
+    loss_tokens REAL NOT NULL,
+    datums INTEGER NOT NULL,
+    recorded_at REAL NOT NULL,
+    PRIMARY KEY (model_id, step)
+);
 """
 # Columns added after a table's first release: (table, column, definition). A data dir
 # made before gets them with their defaults (everything it holds was the local user's).
@@ -399,6 +408,39 @@ class Store:
         )
         return [AuditRow(row[0], row[1], json.loads(row[2])) for row in rows]
 
+    def add_training_step(self, row: TrainingStepRow) -> None:
+        # Only the console's loss curve: on a full disk the optim_step itself goes on.
+        with contextlib.suppress(StorageFull):
+            self._execute(
+                "INSERT OR REPLACE INTO training_steps VALUES (?, ?, ?, ?, ?, ?)",
+                (row.model_id, row.step, row.loss_sum, row.loss_tokens, row.datums, time.time()),
+            )
+
+    def training_steps(self, model_id: str, limit: int) -> list[TrainingStepRow]:
+        """The run's recorded steps in order: every one, or every k-th (from the first) so
+        that at most ``limit`` come back and a long run's whole curve still fits."""
+        last = self._execute(
+            "SELECT COALESCE(MAX(step), 0) FROM training_steps WHERE model_id = ?", (model_id,)
+        )[0][0]
+        stride = max(1, -(-int(last) // limit))
+        rows = self._execute(
+            "SELECT model_id, step, loss_sum, loss_tokens, datums FROM training_steps"
+            " WHERE model_id = ? AND (step - 1) % ? = 0 ORDER BY step LIMIT ?",
+            (model_id, stride, limit),
+        )
+        return [TrainingStepRow(*row) for row in rows]
+
+    def last_training_steps(self, user: str) -> dict[str, TrainingStepRow]:
+        """The last recorded step of each of ``user``'s runs that has one, by run."""
+        rows = self._execute(
+            "SELECT t.model_id, t.step, t.loss_sum, t.loss_tokens, t.datums FROM training_steps t"
+            " JOIN (SELECT s.model_id, MAX(s.step) AS last FROM training_steps s"
+            " JOIN training_runs r ON r.model_id = s.model_id WHERE r.user = ?"
+            " GROUP BY s.model_id) m ON m.model_id = t.model_id AND m.last = t.step",
+            (user,),
+        )
+        return {row[0]: TrainingStepRow(*row) for row in rows}
+
     def add_served_model(self, name: str, folder: str) -> None:
         """Remember where the base model served as ``name`` was loaded from, so commands
         run beside the server (``treadle adapters import``) find it by that name."""
@@ -465,6 +507,18 @@ class AuditRow:
     timestamp: float
     event: str  # <resource>_<action>, e.g. checkpoint_publish
     details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TrainingStepRow:
+    """One optimizer step of a training run: what its ``forward_backward`` calls since the
+    previous ``optim_step`` summed to (``forward`` calls compute no gradient and count not)."""
+
+    model_id: str
+    step: int  # 1 for the run's first optim_step
+    loss_sum: float  # the calls' ``loss:sum``, added up
+    loss_tokens: float  # their loss-weighted target tokens (see Training), the per-token divisor
+    datums: int
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ request's turn, so a numbered request always takes its turn.
 
 from __future__ import annotations
 
+import collections
+import functools
 import shutil
 import threading
 import time
@@ -30,16 +32,16 @@ from treadle.service.checkpoints import (
     readable_checkpoint,
 )
 from treadle.service.custom_loss import CustomLosses
-from treadle.service.engine_loop import Packable, Queued, Rejected, Solo
-from treadle.service.futures import FutureStore
+from treadle.service.engine_loop import Packable, Queued, QueueState, Rejected, Solo
+from treadle.service.futures import About, FutureStore
 from treadle.service.limits import check_metadata
 from treadle.service.sampling import Sampling, sampler_id
 from treadle.service.served import Adapter, ServedModel, TrainingModel, find_model
 from treadle.service.sessions import Sessions
-from treadle.service.store import CheckpointRow, Store, TrainingRunRow
+from treadle.service.store import CheckpointRow, Store, TrainingRunRow, TrainingStepRow
 from treadle.service.usage import Usage
 from treadle.settings import Settings
-from treadle.types import AdamParams, Datum, LoraSpec
+from treadle.types import AdamParams, Datum, ForwardBackwardResult, LoraSpec
 
 
 @dataclass
@@ -58,6 +60,12 @@ class TrainingRun:
 
     ended: bool = False  # its session ended: unloaded
     queued_tokens: int = 0  # of its forward/backward requests not yet running
+    # The step being accumulated for the console's loss curve (touched on the engine loop
+    # only): what its forward_backward results added up to since the last optim_step.
+    steps: int = 0
+    step_loss: float = 0.0
+    step_loss_tokens: float = 0.0
+    step_datums: int = 0
 
     def built(self) -> TrainingModel:
         if self.ended:
@@ -93,6 +101,10 @@ class Training:
 
     def model(self, base_model: str) -> ServedModel:
         return find_model(self.models, base_model)
+
+    def queues(self) -> dict[str, QueueState]:
+        """What waits and runs on each base model's engine loop now (every user's)."""
+        return {name: served.loop.queue_state() for name, served in self.models.items()}
 
     def run(self, user: str, model_id: str) -> TrainingRun:
         """``user``'s live training model; not found for anyone else's."""
@@ -209,11 +221,11 @@ class Training:
                 )
             run, served, first = start(model_id)
         except (UserInputError, NotFound) as exc:
-            request_id = self._futures.create(user)
+            request_id = self._futures.create(user, about=About(origin[0], model_id=model_id))
             self._futures.resolve(request_id, failure_of(exc))
             return request_id, model_id
         self._runs[model_id] = run
-        run.create_request_id = served.loop.call(user, model_id, first)
+        run.create_request_id = served.loop.call(user, model_id, first, kind=origin[0])
         served.loop.start_order(model_id, 1)
         return run.create_request_id, model_id
 
@@ -279,7 +291,7 @@ class Training:
     ) -> str:
         """``create_custom_loss``: checked at once; the future holds the ``loss_id`` or
         what to change."""
-        request_id = self._futures.create(user)
+        request_id = self._futures.create(user, about=About("create_custom_loss"))
         try:
             answer: Any = self.custom_losses.create(user, session_id, seq_id, body)
         except (UserInputError, NotFound) as exc:
@@ -334,9 +346,11 @@ class Training:
                 self._usage.add(user, run.base_model, kind, tokens)
                 return work
 
-            return Packable(request_id, build, user, tokens)
+            done = None if forward_only else functools.partial(_add_to_step, run, data)
+            return Packable(request_id, build, user, tokens, done)
 
-        return served.loop.submit(user, model_id, seq_id, make)
+        kind = "forward" if forward_only else "forward_backward"
+        return served.loop.submit(user, model_id, seq_id, make, kind, tokens)
 
     def _custom(
         self,
@@ -381,6 +395,7 @@ class Training:
 
         def step() -> dict[str, Any]:
             metrics = served.worker.optim_step(run.built(), params)
+            self._record_step(run)
             return {"type": "optim_step", "metrics": metrics}
 
         def make(request_id: str) -> Queued:
@@ -393,9 +408,29 @@ class Training:
                 return Rejected(request_id, Failure(bad))
             return Solo(request_id, step)
 
-        request_id = served.loop.submit(user, model_id, seq_id, make)
+        request_id = served.loop.submit(user, model_id, seq_id, make, "optim_step")
         self._store.touch_training_run(model_id)
         return request_id
+
+    def _record_step(self, run: TrainingRun) -> None:
+        """The step that just ended goes into the run's loss curve (SQLite, so curves
+        outlive the server); the next one starts from zero."""
+        run.steps += 1
+        self._store.add_training_step(
+            TrainingStepRow(
+                run.model_id, run.steps, run.step_loss, run.step_loss_tokens, run.step_datums
+            )
+        )
+        run.step_loss, run.step_loss_tokens, run.step_datums = 0.0, 0.0, 0
+
+    def last_training_steps(self, user: str) -> dict[str, TrainingStepRow]:
+        """The last recorded step of each of ``user``'s runs, by run id."""
+        return self._store.last_training_steps(user)
+
+    def training_steps(self, user: str, run_id: str, limit: int) -> list[TrainingStepRow]:
+        """The loss curve of one of ``user``'s runs (at most ``limit`` points)."""
+        self.training_run(user, run_id)
+        return self._store.training_steps(run_id, limit)
 
     def save_state(
         self,
@@ -419,7 +454,7 @@ class Training:
             self._saved(run, path, worker.save_model(folder, model), expires_at)
             return {"type": "save_weights", "path": path.tinker_path}
 
-        return self._in_order(run, seq_id, save)
+        return self._in_order(run, seq_id, save, "save_weights")
 
     def save_for_sampler(
         self,
@@ -454,7 +489,7 @@ class Training:
             self._sampling.add_ephemeral(user, sampler, run.base_model, model_id, snapshot)
             return {"type": "save_weights_for_sampler", "sampling_session_id": sampler}
 
-        return self._in_order(run, seq_id, save)
+        return self._in_order(run, seq_id, save, "save_weights_for_sampler")
 
     def save_external(
         self,
@@ -484,7 +519,7 @@ class Training:
             self._saved(run, path, size, expires_at)
             return {"type": "save_weights_external", "path": path.tinker_path, "size_bytes": size}
 
-        return self._in_order(run, seq_id, save)
+        return self._in_order(run, seq_id, save, "save_weights_external")
 
     def _writable(self, path: CheckpointPath, overwrite: bool) -> Path:
         folder = path.folder(self._data_dir)
@@ -553,7 +588,7 @@ class Training:
             run.model = loaded
             return {"type": "load_weights", "path": tinker_path, "model_id": model_id}
 
-        return self._in_order(run, seq_id, load)
+        return self._in_order(run, seq_id, load, "load_weights")
 
     def delete_checkpoint(self, user: str, path: CheckpointPath) -> None:
         own_checkpoint(self._store, user, path)
@@ -568,12 +603,16 @@ class Training:
         own_checkpoint(self._store, user, path)
         self._store.set_public(path.tinker_path, public)
 
-    def _in_order(self, run: TrainingRun, seq_id: int | None, fn: Callable[[], Any]) -> str:
-        """Queue ``fn`` in the model's seq_id order. Its checks run there too: a request
-        the SDK numbered must take its turn even when it fails, or every later request of
-        the model would wait for the gap."""
+    def _in_order(
+        self, run: TrainingRun, seq_id: int | None, fn: Callable[[], Any], kind: str
+    ) -> str:
+        """Queue ``fn`` (a request of ``kind``) in the model's seq_id order. Its checks run
+        there too: a request the SDK numbered must take its turn even when it fails, or
+        every later request of the model would wait for the gap."""
         loop = self.models[run.base_model].loop
-        return loop.submit(run.user, run.model_id, seq_id, lambda request_id: Solo(request_id, fn))
+        return loop.submit(
+            run.user, run.model_id, seq_id, lambda request_id: Solo(request_id, fn), kind
+        )
 
     def unload(self, user: str, model_id: str) -> str:
         run = self.run(user, model_id)
@@ -584,7 +623,9 @@ class Training:
             loop.forget(model_id)
             return {"model_id": model_id, "type": "unload_model"}
 
-        return loop.submit(user, model_id, None, lambda request_id: Solo(request_id, drop))
+        return loop.submit(
+            user, model_id, None, lambda request_id: Solo(request_id, drop), "unload_model"
+        )
 
     def end_session(self, session_id: str) -> None:
         """Unload every model of a session that ended; requests still queued for them
@@ -595,6 +636,10 @@ class Training:
             del self._runs[run.model_id]
             self.models[run.base_model].loop.forget(run.model_id)
             self._sampling.forget_run(run.model_id)
+
+    def live_models(self) -> dict[str, int]:
+        """Training models loaded now, by base model (for the metrics)."""
+        return dict(collections.Counter(run.base_model for run in list(self._runs.values())))
 
     # -- what the REST API lists --------------------------------------------------------
 
@@ -641,6 +686,19 @@ class Training:
         row = self._store.training_run(CheckpointPath.parse(tinker_path).model_id)
         assert row is not None
         return row
+
+
+def _add_to_step(run: TrainingRun, data: Sequence[Datum], result: ForwardBackwardResult) -> None:
+    """Add a forward_backward's result to its run's current step. A step's loss per token
+    is its summed ``loss:sum`` over its loss tokens: the sum of the ``weights`` of datums
+    that have them (cross-entropy's mean NLL), every target position of those that don't
+    (the RL losses weigh positions by advantages, which are no count)."""
+    run.step_loss += result.metrics.get("loss:sum", 0.0)
+    run.step_loss_tokens += sum(
+        float(datum.inputs["weights"].sum()) if "weights" in datum.inputs else datum.num_tokens
+        for datum in data
+    )
+    run.step_datums += len(data)
 
 
 @dataclass(frozen=True)
