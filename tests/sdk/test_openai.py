@@ -19,6 +19,8 @@ from tests.conftest import LLAMA, QWEN
 from tests.fixtures.server import Server
 from tests.sdk.test_keys import _new_key
 from tests.sdk.test_usage import _totals
+from treadle.sampling_params import SamplingParams
+from treadle.service.openai_compat import ChoiceStream
 
 EOS = 258  # <|im_end|> of the tiny models' tokenizer
 MESSAGES = [
@@ -141,6 +143,95 @@ def test_streams_reassemble_to_the_unstreamed_answer(env):
     for choice in whole_text.choices:
         pieces = [c.choices[0].text for c in streamed if c.choices[0].index == choice.index]
         assert "".join(pieces) == choice.text
+
+
+def test_streams_send_text_as_it_is_decoded(env):
+    """Content arrives in chunks as tokens are decoded: several chunks before the finish,
+    and an n=2 request's choices interleave (chunks sent at the end come choice by
+    choice); either way they join to the unstreamed text."""
+    server, alice, _, _ = env
+    client = _client(server, alice)
+    greedy = {"model": QWEN, "prompt": "Once upon", "max_tokens": 48, "temperature": 0}
+    extra = {"ignore_eos": True}
+    whole = client.completions.create(**greedy, extra_body=extra)
+    chunks = list(client.completions.create(**greedy, extra_body=extra, stream=True))
+    assert whole.usage.completion_tokens == 48
+    finish = next(i for i, c in enumerate(chunks) if c.choices[0].finish_reason)
+    assert finish == len(chunks) - 1 and chunks[-1].choices[0].finish_reason == "length"
+    assert sum(1 for c in chunks[:finish] if c.choices[0].text) > 1
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+
+    chat = {"model": QWEN, "messages": MESSAGES, "max_tokens": 40, "seed": 5, "n": 2}
+    whole_chat = client.chat.completions.create(**chat, extra_body=extra)
+    streamed = list(
+        client.chat.completions.create(
+            **chat, extra_body=extra, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    shown = [c.choices[0].index for c in streamed if c.choices and c.choices[0].delta.content]
+    assert set(shown) == {0, 1} and shown != sorted(shown)  # interleaved, as decoded
+    for choice in whole_chat.choices:
+        mine = [c.choices[0] for c in streamed if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+    assert whole_chat.choices[0].message.content != whole_chat.choices[1].message.content
+    assert streamed[-1].choices == [] and streamed[-1].usage == whole_chat.usage
+
+
+def test_a_streamed_stop_string_is_never_sent(env):
+    server, alice, _, _ = env
+    client = _client(server, alice)
+    sample = {"model": QWEN, "prompt": [1, 2, 3], "max_tokens": 40, "seed": 9}
+    text = client.completions.create(**sample, stop=[]).choices[0].text
+    # Two printable characters from the middle of the text: the first may arrive (and be
+    # held back) a step before the second decides it.
+    start = next(i for i in range(len(text) // 3, len(text) - 1) if text[i : i + 2].isprintable())
+    stop = text[start : start + 2]
+    cut = text[: text.index(stop)]
+    assert cut  # the stop comes mid-stream, after some text
+    chunks = list(client.completions.create(**sample, stop=[stop], stream=True))
+    pieces = [c.choices[0].text for c in chunks]
+    assert "".join(pieces) == cut
+    assert not any(stop in piece for piece in pieces)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("stops", "shown"),
+    [
+        ((), "Grüße, 世界! bis später"),
+        (("später",), "Grüße, 世界! bis "),
+        (("界!", "Grüße, x"), "Grüße, 世"),  # the second begins the text, then fails
+    ],
+)
+def test_choice_streams_hold_back_split_characters_and_stop_strings(tokenizer, stops, shown):
+    """Token by token (the tiny tokenizer has a token per byte, so characters split), the
+    pieces sent are always a beginning of the shown text and join to all of it; text that
+    may begin a stop string is held back until decided."""
+    text = "Grüße, 世界! bis später"
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    assert len(tokens) > len(text)  # multi-byte characters span several tokens
+    params = SamplingParams(max_tokens=100, stop_token_ids=(EOS,), stop_strings=stops)
+    stream = ChoiceStream(params, tokenizer.decode)
+    sent = ""
+    for token in [*tokens, EOS]:
+        sent += stream.add(token)
+        assert shown.startswith(sent) and "\ufffd" not in sent
+    assert sent == shown
+
+
+def test_a_client_that_leaves_mid_stream_leaves_the_server_serving(env):
+    server, alice, _, _ = env
+    client = _client(server, alice)
+    long = {"model": QWEN, "prompt": "Once upon", "max_tokens": 400, "temperature": 0}
+    for _ in range(2):
+        stream = client.completions.create(**long, extra_body={"ignore_eos": True}, stream=True)
+        first = next(iter(stream))
+        assert first.choices[0].finish_reason is None
+        stream.close()
+    after = client.completions.create(model=QWEN, prompt="Once upon", max_tokens=5, temperature=0)
+    assert after.choices[0].finish_reason in ("stop", "length") and after.usage.completion_tokens
+    assert "Traceback" not in server.log()
 
 
 def test_n_seeded_samples_equal_the_sdks_seeded_samples(env, tokenizer):

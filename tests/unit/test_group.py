@@ -247,6 +247,42 @@ def test_greedy_sampling_matches_one_process_and_training_logprobs(
     assert isinstance(bad, UserInputError)
 
 
+def test_streaming_samples_report_their_steps_through_the_ranks(
+    engines: tuple[WorkerGroup, Worker],
+) -> None:
+    """Progress callbacks fire through the group (two samples: one per rank), one call per
+    step with every sequence's new token, joining to the result, all before ``done``."""
+    group, _ = engines
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(0, _VOCAB, n).astype(np.int64) for n in (6, 11)]
+    params = SamplingParams(max_tokens=10, seed=4)
+    events: list[list[tuple[str, Any]]] = [[], []]
+    for index, prompt in enumerate(prompts):
+        log = events[index]  # appended to by that sample's rank's reader thread
+
+        def progress(tokens: list[tuple[int, int, float]], log: list = log) -> None:
+            log.append(("progress", tokens))
+
+        def done(outcome: SampleResult | BaseException, log: list = log) -> None:
+            log.append(("done", outcome))
+
+        group.add_sample(prompt, 2, params, None, False, 0, done, progress)
+    while group.sampling():
+        group.sample_step()
+    for log in events:
+        *steps, (last, result) = log
+        assert last == "done" and isinstance(result, SampleResult)
+        assert len(steps) == params.max_tokens
+        streamed: list[list[tuple[int, float]]] = [[], []]
+        for kind, tokens in steps:
+            assert kind == "progress" and sorted(i for i, _, _ in tokens) == [0, 1]
+            for i, token, logprob in tokens:
+                streamed[i].append((token, logprob))
+        for got, sequence in zip(streamed, result.sequences, strict=True):
+            assert [t for t, _ in got] == sequence.tokens
+            assert [lp for _, lp in got] == sequence.logprobs
+
+
 def test_checkpoints_load_across_group_and_one_process(
     engines: tuple[WorkerGroup, Worker], tmp_path: Path
 ) -> None:

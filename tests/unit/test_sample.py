@@ -4,6 +4,7 @@ same tiny real-architecture models, adapters applied through forward hooks."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,52 @@ def test_continuous_batching_gives_each_request_what_it_gets_alone(base: BaseLM)
             # Batch size picks the matmul kernel, so float32 rounding differs slightly.
             np.testing.assert_allclose(s.logprobs, t.logprobs, atol=1e-4)
             assert s.stop_reason == t.stop_reason == "length"
+
+
+def test_progress_reports_each_steps_tokens_as_the_result_holds_them(base: BaseLM):
+    """Two streaming requests decoding together (one joins a step later), next to one that
+    does not stream: each progress call carries one step's new token of each of its
+    request's sequences, and the calls add up, in order, to the result's tokens and
+    logprobs, all before ``done``."""
+    requests = [
+        SampleRequest(_prompt(40, 9), 2, SamplingParams(max_tokens=12, seed=3), None),
+        SampleRequest(_prompt(41, 4), 1, SamplingParams(max_tokens=7, temperature=0.0), None),
+        SampleRequest(_prompt(42, 6), 1, SamplingParams(max_tokens=5, seed=4), None),
+    ]
+    events: list[list[tuple[str, object]]] = [[], [], []]
+
+    def progress(i: int) -> sample.Progress:
+        return lambda tokens: events[i].append(("progress", tokens))
+
+    def done(i: int) -> sample.Done:
+        return lambda outcome: events[i].append(("done", outcome))
+
+    sampler = Sampler(base, _decode)
+    sampler.add(replace(requests[0], progress=progress(0)), done(0))
+    sampler.add(requests[2], done(2))
+    sampler.step()
+    sampler.add(replace(requests[1], progress=progress(1)), done(1))
+    while sampler.has_work():
+        sampler.step()
+
+    alone = [_run(Sampler(base, _decode), [r])[0] for r in requests]
+    for i in (0, 1):
+        *steps, (last, result) = events[i]
+        assert last == "done" and isinstance(result, SampleResult)
+        assert [s.tokens for s in result.sequences] == [s.tokens for s in alone[i].sequences]
+        width = len(result.sequences)
+        streamed: list[list[tuple[int, float]]] = [[] for _ in range(width)]
+        for kind, tokens in steps:
+            assert kind == "progress"
+            assert isinstance(tokens, list)
+            assert sorted(index for index, _, _ in tokens) == list(range(width))
+            for index, token, logprob in tokens:
+                streamed[index].append((token, logprob))
+        assert len(steps) == requests[i].params.max_tokens
+        for got, sequence in zip(streamed, result.sequences, strict=True):
+            assert [t for t, _ in got] == sequence.tokens
+            assert [lp for _, lp in got] == sequence.logprobs
+    assert [kind for kind, _ in events[2]] == ["done"]  # no progress asked, none given
 
 
 def test_seeds(base: BaseLM):

@@ -75,8 +75,12 @@ data dir's worker secret; plain pickle, see :func:`treadle.engine.rank.send`):
   group ``sample_step(samples)`` (``samples``: ``(sample id, args)`` as in ``sample``
   below, to admit before the step).
 - driver -> rank ``("sample", sample_id, (prompt, num_samples, params, adapter id,
-  prompt_logprobs, topk))``; answered when done by ``("sampled", sample_id, result)`` or
-  ``("sample_error", sample_id, category, message)``.
+  prompt_logprobs, topk, stream))``; answered when done by ``("sampled", sample_id,
+  result)`` or ``("sample_error", sample_id, category, message)``. A ``stream`` sample is
+  also reported after each step that advanced it, before its answer, by ``("progress",
+  sample_id, [(sequence index, token, logprob), ...])``: one message per sample per step
+  (a sharded group's rank 0 alone reports); the driver's reader thread hands it to the
+  sample's progress callback at once.
 
 Objects on the ranks are named by ids the driver hands out; the handles the service
 holds (:class:`GroupModel`, :class:`GroupAdapter`) carry the id and generation, and
@@ -139,6 +143,7 @@ log = logging.getLogger(__name__)
 
 Split = Literal["datums", "broadcast"]
 SampleDone = Callable[[SampleResult | BaseException], None]
+SampleProgress = Callable[[list[tuple[int, int, float]]], None]
 Pairs = dict[str, tuple[Any, Any]]
 
 # A connection that has not authenticated within this long is dropped; at most this
@@ -222,6 +227,7 @@ class _Sample:
     done: SampleDone
     sequences: int
     adapter: GroupAdapter | None  # held, so its drop waits until the sample ends
+    progress: SampleProgress | None = None  # a streaming sample's
 
 
 class _Acceptor:
@@ -549,6 +555,8 @@ class WorkerGroup:
                 message = receive(link.conn)
                 if message[0] in ("reply", "error"):
                     self._answered(link, message)
+                elif message[0] == "progress":
+                    self._progressed(link, message)
                 else:
                     self._sampled(link, message)
         except (EOFError, OSError, pickle.UnpicklingError):
@@ -887,10 +895,12 @@ class WorkerGroup:
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
         done: SampleDone,
+        progress: SampleProgress | None = None,
     ) -> None:
         """Hand a sample to the rank with the fewest sequences decoding (a sharded group
         holds it for the next :meth:`sample_step`); ``done`` is called on the engine-loop
-        thread (:meth:`sample_step`)."""
+        thread (:meth:`sample_step`), ``progress`` on a reader thread as steps arrive
+        (before the ``done`` of the same sample)."""
         try:
             links, generation = self._current(adapter.generation if adapter else None)
         except RankDied as exc:
@@ -904,13 +914,22 @@ class WorkerGroup:
             lockstep = self.split == "broadcast"
             link = links[0] if lockstep else min(links, key=lambda k: (k.sequences, k.rank))
             sample_id = next(self._ids)
-            self._samples[sample_id] = _Sample(link, done, num_samples, adapter)
+            self._samples[sample_id] = _Sample(link, done, num_samples, adapter, progress)
             link.sequences += num_samples
             if lockstep and params.seed is None:
                 # Every rank must draw the same tokens: one seed, chosen here.
                 params = replace(params, seed=random.SystemRandom().randrange(2**63))
             adapter_id = adapter.id if adapter else None
-            args = (prompt, num_samples, params, adapter_id, prompt_logprobs, topk_prompt_logprobs)
+            stream = progress is not None
+            args = (
+                prompt,
+                num_samples,
+                params,
+                adapter_id,
+                prompt_logprobs,
+                topk_prompt_logprobs,
+                stream,
+            )
             if lockstep:
                 self._admitting.append((sample_id, args))
                 return
@@ -931,6 +950,19 @@ class WorkerGroup:
             sample.link.sequences -= sample.sequences
             self._finished.append((sample.done, outcome))
             self._cond.notify_all()
+
+    def _progressed(self, link: _Link, message: tuple[Any, ...]) -> None:
+        """A streaming sample's step, handed on from this reader thread: its answer comes
+        later on the same connection, so the callback sees every step before ``done``."""
+        _, sample_id, tokens = message
+        with self._cond:
+            sample = self._samples.get(sample_id)
+        if sample is None or sample.link is not link or sample.progress is None:
+            return
+        try:
+            sample.progress(tokens)
+        except Exception:
+            log.exception("sampling progress-callback raised")
 
     def sampling(self) -> bool:
         """Whether samples wait to be sent, are out on the ranks, or have answers to hand

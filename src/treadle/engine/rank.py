@@ -45,6 +45,7 @@ from torch.distributed.tensor import DTensor
 from treadle.engine.join import AUTH_REFUSED_EXIT, SECRET_ENV, parse_address
 from treadle.engine.lora import Adapter, LoraPair
 from treadle.engine.models import load_base_model
+from treadle.engine.sample import Progress
 from treadle.engine.sharded import shard
 from treadle.engine.train import ForwardBackwardOutcome, ForwardBackwardWork, LoraModel
 from treadle.engine.train import optim_step as adamw_step
@@ -176,11 +177,12 @@ class Rank:
     def _admit(self) -> None:
         while self._samples:
             _, sample_id, args = self._samples.popleft()
-            prompt, num_samples, params, adapter_id, prompt_logprobs, topk = args
+            prompt, num_samples, params, adapter_id, prompt_logprobs, topk, stream = args
             done = self._sample_done(sample_id)
+            progress = self._sample_progress(sample_id) if stream else None
             adapter = self._adapter(adapter_id) if adapter_id is not None else None
             self._worker.add_sample(
-                prompt, num_samples, params, adapter, prompt_logprobs, topk, done
+                prompt, num_samples, params, adapter, prompt_logprobs, topk, done, progress
             )
 
     def _sample_done(self, sample_id: int) -> Callable[[SampleResult | BaseException], None]:
@@ -192,17 +194,25 @@ class Rank:
 
         return done
 
+    def _sample_progress(self, sample_id: int) -> Progress:
+        def progress(tokens: list[tuple[int, int, float]]) -> None:
+            send(self._conn, ("progress", sample_id, tokens))
+
+        return progress
+
     def do_sample_step(self, samples: list[tuple[int, tuple[Any, ...]]]) -> None:
         """Admit ``samples`` and take one sampler step: a sharded group's sampling, sent to
         every rank in the same order, so their samplers hold the same batch and run the
         same passes (collectives). Rank 0 alone reports finished samples, before this
         command's answer."""
         for sample_id, args in samples:
-            prompt, num_samples, params, adapter_id, prompt_logprobs, topk = args
-            done = self._sample_done(sample_id) if self._start.rank == 0 else _ignore
+            prompt, num_samples, params, adapter_id, prompt_logprobs, topk, stream = args
+            reports = self._start.rank == 0
+            done = self._sample_done(sample_id) if reports else _ignore
+            progress = self._sample_progress(sample_id) if stream and reports else None
             adapter = self._adapter(adapter_id) if adapter_id is not None else None
             self._worker.add_sample(
-                prompt, num_samples, params, adapter, prompt_logprobs, topk, done
+                prompt, num_samples, params, adapter, prompt_logprobs, topk, done, progress
             )
         if self._worker.sampling():
             self._worker.sample_step()

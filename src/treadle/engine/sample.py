@@ -54,9 +54,15 @@ class SampleRequest:
     adapter: Adapter | None  # None = base model
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    # Streaming: told each step's new tokens of this request's sequences (see Progress).
+    progress: Progress | None = None
 
 
 Done = Callable[[SampleResult | BaseException], None]
+# Called on the engine thread after each step that advanced a streaming request, once
+# for all of its sequences that took a token: ``(sequence index, token, logprob)`` each,
+# in the order the final result holds them (a stop token included), and before ``done``.
+Progress = Callable[[list[tuple[int, int, float]]], None]
 
 
 class RequestStatus(enum.Enum):
@@ -103,6 +109,7 @@ class _Sequence:
     owner: _Request
     generator: torch.Generator
     length: int
+    index: int  # among its request's sequences (the result's order)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.RUNNING
@@ -271,7 +278,7 @@ class Sampler:
             if request.request.prompt_logprobs or request.request.topk_prompt_logprobs:
                 self._prompt_logprobs(request, hidden[start : start + n])
         sequences = [
-            _Sequence(r, row_generator(r.params.seed, i), length=n)
+            _Sequence(r, row_generator(r.params.seed, i), length=n, index=i)
             for r, n in zip(requests, lengths, strict=True)
             for i in range(r.request.num_samples)
         ]
@@ -359,6 +366,8 @@ class Sampler:
         """Append each sequence's new token, end the sequences that stop, and hand back
         the requests all of whose sequences have ended."""
         touched: dict[int, _Request] = {}
+        # Streaming requests' new tokens; empty (and never filled) when none streams.
+        streamed: dict[int, list[tuple[int, int, float]]] = {}
         for sequence, token, logprob in zip(sequences, tokens, logprobs, strict=True):
             owner = sequence.owner
             if owner.status is not RequestStatus.RUNNING:
@@ -369,7 +378,14 @@ class Sampler:
             except Exception as exc:
                 log.exception("sampling request failed")
                 self._fail(owner, exc)
+                continue
+            if owner.request.progress is not None:
+                streamed.setdefault(id(owner), []).append((sequence.index, token, logprob))
         self._retire()
+        for key, new in streamed.items():
+            owner = touched[key]
+            if owner.status is RequestStatus.RUNNING and owner.request.progress is not None:
+                _report(owner.request.progress, new)
         for owner in touched.values():
             ended = all(s.status is not SequenceStatus.RUNNING for s in owner.sequences)
             if owner.status is RequestStatus.RUNNING and ended:
@@ -445,6 +461,14 @@ def _result(request: _Request) -> SampleResult:
         prompt_logprobs=request.prompt_logprobs,
         topk_prompt_logprobs=request.topk_prompt_logprobs,
     )
+
+
+def _report(progress: Progress, tokens: list[tuple[int, int, float]]) -> None:
+    # Like a failing done-callback, a failing progress callback fails nobody else.
+    try:
+        progress(tokens)
+    except Exception:
+        log.exception("sampling progress-callback raised")
 
 
 def _call(done: Done, outcome: SampleResult | BaseException) -> None:

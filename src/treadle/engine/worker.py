@@ -23,7 +23,7 @@ from treadle.engine.datum import check_data, loss_spec, resolve_config
 from treadle.engine.lora import Adapter, new_adapter
 from treadle.engine.models import BaseLM, load_base_model
 from treadle.engine.process import claim_compute_threads, return_freed_memory
-from treadle.engine.sample import Done, Sampler, SampleRequest
+from treadle.engine.sample import Done, Progress, Sampler, SampleRequest
 from treadle.engine.thin_matmul import set_thin_matmul
 from treadle.engine.train import (
     ForwardBackwardOutcome,
@@ -160,9 +160,12 @@ class Worker:
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
         done: Done,
+        progress: Progress | None = None,
     ) -> None:
+        """Queue a sample; ``done`` gets its result, and ``progress`` (when given: a
+        streaming request) each step's new tokens, both on this (the engine) thread."""
         request = SampleRequest(
-            prompt, num_samples, params, adapter, prompt_logprobs, topk_prompt_logprobs
+            prompt, num_samples, params, adapter, prompt_logprobs, topk_prompt_logprobs, progress
         )
         self._sampler.add(request, done)
 

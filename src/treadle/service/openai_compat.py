@@ -8,7 +8,9 @@ read under the SDK's rules: the caller's own or a published one; anything else i
 found". Samples go through :meth:`Sampling.queue`, the one way the SDK's ``asample``
 takes too: the same sampler batches, limits and usage counts. Only text is added here:
 the model's own tokenizer and chat template (through the :class:`Worker`), stop strings
-cut from the text as OpenAI does, and top logprobs of sampled tokens.
+cut from the text as OpenAI does, and top logprobs of sampled tokens. A streamed request
+gets its text as the sampler decodes it (:meth:`OpenAICompat.stream`), held back only
+where it could still begin a stop string or ends in part of a character.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable, Sequence
+import dataclasses
+import logging
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +29,10 @@ from treadle.errors import Failure, NotFound, UserInputError
 from treadle.sampling_params import SamplingParams
 from treadle.service.futures import FutureStore
 from treadle.service.sampling import SampleCall, Sampling
-from treadle.service.served import Adapter, Worker
+from treadle.service.served import Adapter, SampleProgress, Worker
 from treadle.types import ModelInfo, SampledSequence, SampleResult
+
+log = logging.getLogger(__name__)
 
 # The sampling "session" these requests are queued and traced under: they have no
 # client session of their own.
@@ -81,8 +87,17 @@ class Choice:
     text: str
     finish_reason: str  # "stop" (a stop token or string) or "length" (max_tokens)
     logprobs: list[TokenLogprob] | None
-    # Text pieces, one per shown token, that join to ``text``: what streaming sends.
+    # Text pieces that join to the end of ``text`` streaming has still to send: one per
+    # shown token (all of it) in an answer sent at the end, the rest after the deltas.
     pieces: list[str] | None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Text of choice ``index`` decoded while it samples (streaming)."""
+
+    index: int
+    text: str
 
 
 @dataclass(frozen=True)
@@ -235,6 +250,79 @@ class OpenAICompat:
         """Sample every prompt (``n`` completions each, all queued at once) and put the
         answer in text."""
         results = await self._sample_all(user, request.target, request.calls)
+        return await self._completion(user, request, results, request.stream)
+
+    async def stream(self, user: str, request: Request) -> AsyncGenerator[Delta | Completion, None]:
+        """Sample as :meth:`complete` does, yielding each choice's text as it is decoded
+        (:class:`Delta`) and then the :class:`Completion`, whose choices' ``pieces`` are
+        what is left to send. With logprobs, the completion comes alone, every piece
+        still to send (top logprobs need a pass after the sample)."""
+        if request.options.logprobs:
+            yield await self.complete(user, request)
+            return
+        loop = asyncio.get_running_loop()
+        # Steps as they arrive, (first choice index of their prompt, new tokens); ``woke``
+        # is set by each, and by the end of sampling.
+        arrived: collections.deque[tuple[int, list[tuple[int, int, float]]]] = collections.deque()
+        woke = asyncio.Event()
+
+        def arrive(step: tuple[int, list[tuple[int, int, float]]]) -> None:
+            arrived.append(step)
+            woke.set()
+
+        detokenize = self._worker(request.target.base_model).detokenize
+        listening = True  # until the stream ends (a client may leave mid-way)
+        texts: list[ChoiceStream] = []
+        progresses: list[SampleProgress] = []
+        for call in request.calls:
+            first = len(texts)  # the choice index of this prompt's first completion
+            texts.extend(ChoiceStream(call.params, detokenize) for _ in range(call.num_samples))
+
+            def progress(tokens: list[tuple[int, int, float]], first: int = first) -> None:
+                # On an engine thread: hand the step to the event loop.
+                if listening:
+                    loop.call_soon_threadsafe(arrive, (first, tokens))
+
+            progresses.append(progress)
+        sampled = asyncio.ensure_future(
+            self._sample_all(user, request.target, request.calls, progresses)
+        )
+        sampled.add_done_callback(lambda _: woke.set())
+        try:
+            # Every step of a sample arrives before its result (both hop to this loop in
+            # the order the engine made them): once sampling is done, all steps are here.
+            while True:
+                while arrived:
+                    first, tokens = arrived.popleft()
+                    for index, token, _ in tokens:
+                        piece = texts[first + index].add(token)
+                        if piece:
+                            yield Delta(first + index, piece)
+                if sampled.done():
+                    break
+                await woke.wait()
+                woke.clear()
+            results = sampled.result()
+        finally:
+            listening = False
+            if sampled.done() and not sampled.cancelled():
+                sampled.exception()  # seen (raised above, or the client left before it)
+            sampled.cancel()  # the client went away: what has not started never will
+        completion = await self._completion(user, request, results, False)
+        choices = []
+        for choice, text in zip(completion.choices, texts, strict=True):
+            # Sent is a beginning of the text by construction; the rest ends the choice.
+            sent = text.sent
+            if not choice.text.startswith(sent):
+                log.warning("streamed text %r is not a beginning of %r", sent, choice.text)
+            rest = choice.text[len(sent) :] if choice.text.startswith(sent) else ""
+            choices.append(dataclasses.replace(choice, pieces=[rest]))
+        yield dataclasses.replace(completion, choices=choices)
+
+    async def _completion(
+        self, user: str, request: Request, results: list[SampleResult], stream: bool
+    ) -> Completion:
+        """The samples' answer in text (``stream``: with every choice's pieces)."""
         worker = self._worker(request.target.base_model)
         options = request.options
         top_k = options.top_logprobs if options.logprobs else 0
@@ -252,7 +340,7 @@ class OpenAICompat:
                         worker.detokenize,
                         options.logprobs,
                         top[j] if top else None,
-                        request.stream,
+                        stream,
                     )
                 )
         return Completion(
@@ -262,9 +350,22 @@ class OpenAICompat:
         )
 
     async def _sample_all(
-        self, user: str, target: Target, calls: list[SampleCall]
+        self,
+        user: str,
+        target: Target,
+        calls: list[SampleCall],
+        progresses: Sequence[SampleProgress] | None = None,
     ) -> list[SampleResult]:
-        ids = [self._sampling.queue(user, target.base_model, target.adapter, c) for c in calls]
+        ids = [
+            self._sampling.queue(
+                user,
+                target.base_model,
+                target.adapter,
+                call,
+                progress=progresses[i] if progresses else None,
+            )
+            for i, call in enumerate(calls)
+        ]
         try:
             return [await self._result(user, request_id) for request_id in ids]
         except asyncio.CancelledError:  # the client went away: what has not started never will
@@ -349,32 +450,93 @@ def _choice(
     return Choice(index, text, sequence.stop_reason, entries, pieces)
 
 
-def text_pieces(tokens: Sequence[int], detokenize: Callable[[Sequence[int]], str]) -> list[str]:
-    """The text each token adds, one piece per token, joining to the text of all of them.
+class TextPieces:
+    """Text as tokens arrive: :meth:`add` gives the text each token adds, and the pieces
+    join to the text of all the tokens once :meth:`rest` is added.
 
     A token's piece is what decoding a short window ending with it adds to decoding the
     window without it: the window starts one piece back, so tokenizers that decode a
     token differently at the start of a text (a leading space) still give the right
     piece; a piece ending in an incomplete character is held back until it completes.
     """
-    pieces: list[str] = []
-    start = given = 0  # tokens[start:given] decode to the end of the text given so far
-    for end in range(1, len(tokens) + 1):
-        before = detokenize(tokens[start:given])
-        after = detokenize(tokens[start:end])
+
+    def __init__(self, detokenize: Callable[[Sequence[int]], str]) -> None:
+        self._detokenize = detokenize
+        self._tokens: list[int] = []
+        self._start = self._given = 0  # tokens[start:given] decode to the end of the text given
+
+    def add(self, token: int) -> str:
+        self._tokens.append(token)
+        before = self._detokenize(self._tokens[self._start : self._given])
+        after = self._detokenize(self._tokens[self._start :])
         if (
             after.startswith(before)
             and len(after) > len(before)
             and not after.endswith(_INCOMPLETE)
         ):
-            pieces.append(after[len(before) :])
-            start, given = given, end
-        else:
-            pieces.append("")
-    if pieces and given < len(tokens):  # an incomplete character at the very end
-        before = detokenize(tokens[start:given])
-        pieces[-1] += detokenize(tokens[start:])[len(before) :]
+            self._start, self._given = self._given, len(self._tokens)
+            return after[len(before) :]
+        return ""
+
+    def rest(self) -> str:
+        """What is held back at the end: an incomplete character the tokens end in."""
+        if self._given == len(self._tokens):
+            return ""
+        before = self._detokenize(self._tokens[self._start : self._given])
+        return self._detokenize(self._tokens[self._start :])[len(before) :]
+
+
+def text_pieces(tokens: Sequence[int], detokenize: Callable[[Sequence[int]], str]) -> list[str]:
+    """The text each token adds, one piece per token, joining to the text of all of them."""
+    text = TextPieces(detokenize)
+    pieces = [text.add(token) for token in tokens]
+    if pieces:
+        pieces[-1] += text.rest()
     return pieces
+
+
+class ChoiceStream:
+    """One completion's text while it is sampled: :meth:`add` gives what may be sent now.
+    What is sent is always a beginning of the completion's final text (:func:`_choice`):
+    the stop token is not shown, and text that could be the start of a stop string is
+    held back until the next tokens decide it (the final text is cut before one)."""
+
+    def __init__(self, params: SamplingParams, detokenize: Callable[[Sequence[int]], str]) -> None:
+        self._text = TextPieces(detokenize)
+        self._stop_tokens = params.stop_token_ids
+        self._stops = params.stop_strings
+        self._held = ""  # decoded, not sent: it may begin a stop string
+        self._ended = False  # a stop token or string came: nothing more is shown
+        self._sent: list[str] = []
+
+    @property
+    def sent(self) -> str:
+        """All the text given out so far."""
+        return "".join(self._sent)
+
+    def add(self, token: int) -> str:
+        if self._ended or token in self._stop_tokens:
+            self._ended = True
+            return ""
+        self._held += self._text.add(token)
+        cut = min((i for i in (self._held.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            ready, self._held, self._ended = self._held[:cut], "", True
+        else:
+            keep = _stop_start(self._held, self._stops)
+            ready, self._held = self._held[:keep], self._held[keep:]
+        self._sent.append(ready)
+        return ready
+
+
+def _stop_start(text: str, stops: Sequence[str]) -> int:
+    """Where the longest end of ``text`` that begins some stop string starts (its length
+    if none does). A stop string met later must start there: what comes before is safe."""
+    firsts = {s[0] for s in stops}  # (a cheap filter: most positions start none)
+    for start in range(max(0, len(text) - max((len(s) for s in stops), default=0) + 1), len(text)):
+        if text[start] in firsts and any(s.startswith(text[start:]) for s in stops):
+            return start
+    return len(text)
 
 
 def _clip(pieces: list[str], length: int) -> list[str]:

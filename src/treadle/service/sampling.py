@@ -24,7 +24,7 @@ from treadle.service.auth import owned
 from treadle.service.checkpoints import readable_checkpoint
 from treadle.service.engine_loop import QueuedSample
 from treadle.service.futures import About, Channel, FutureStore, UnknownFuture
-from treadle.service.served import Adapter, ServedModel, find_model
+from treadle.service.served import Adapter, SampleProgress, ServedModel, find_model
 from treadle.service.sessions import Sessions
 from treadle.service.store import Store
 from treadle.service.usage import Usage
@@ -250,11 +250,13 @@ class Sampling:
         adapter: Adapter | None,
         call: SampleCall,
         channel: Channel | None = None,
+        progress: SampleProgress | None = None,
     ) -> str:
         """Queue a checked request of ``user``'s on ``base_model``'s sampler, with
         ``adapter`` (None: the base model alone); returns the request id of its future.
         Every sample, the SDK's or another API's, takes this one way: the same queue,
-        batches, fairness and usage counts."""
+        batches, fairness and usage counts. ``progress`` (a streaming request's) gets each
+        decode step's new tokens on an engine thread, before the future resolves."""
         served = self.model(base_model)
         about = About("sample", base_model, call.sampling_session_id, int(call.prompt.shape[0]))
         request_id = self._futures.create(user, channel, about)
@@ -279,6 +281,7 @@ class Sampling:
                 call.prompt_logprobs,
                 call.topk_prompt_logprobs,
                 done,
+                progress,
             )
 
         queued = QueuedSample(

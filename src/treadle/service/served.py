@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 TrainingModel = Any
 Adapter = Any
 SampleDone = Callable[[SampleResult | BaseException], None]
+# A streaming sample's new tokens, ``(sequence index, token, logprob)`` each, after each
+# decode step and before ``done``; called on an engine thread (hop to the event loop).
+SampleProgress = Callable[[list[tuple[int, int, float]]], None]
 
 
 class Outcome(Protocol):
@@ -64,6 +67,7 @@ class Worker(Protocol):
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
         done: SampleDone,
+        progress: SampleProgress | None = None,
     ) -> None: ...
     def sampling(self) -> bool: ...
     def sample_step(self) -> None: ...

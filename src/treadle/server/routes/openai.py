@@ -11,10 +11,11 @@ shapes, server-sent events for ``stream``. What a request means is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -30,6 +31,7 @@ from treadle.server.deps import ServiceDep, UserDep
 from treadle.service.openai_compat import (
     Choice,
     Completion,
+    Delta,
     OpenAICompat,
     Options,
 )
@@ -293,7 +295,7 @@ async def chat_completions(
     request = compat.check(target, [prompt], options, bool(body.stream))
     answer = _Answer("chatcmpl", "chat.completion", body.model)
     if body.stream:
-        return _stream(compat.complete(user, request), answer, True, body.include_usage)
+        return _stream(compat.stream(user, request), answer, True, body.include_usage)
     return answer.chat(await compat.complete(user, request))
 
 
@@ -311,7 +313,7 @@ async def completions(
     request = compat.check(target, tokens, options, bool(body.stream))
     answer = _Answer("cmpl", "text_completion", body.model)
     if body.stream:
-        return _stream(compat.complete(user, request), answer, False, body.include_usage)
+        return _stream(compat.stream(user, request), answer, False, body.include_usage)
     return answer.text(await compat.complete(user, request))
 
 
@@ -392,6 +394,16 @@ class _Answer:
             chunks.append({**head, "choices": [dict(end, finish_reason=c.finish_reason)]})
         return chunks
 
+    def delta_chunk(self, delta: Delta, chat: bool) -> dict[str, Any]:
+        """Text of one choice decoded while it samples."""
+        if chat:
+            choice = {"index": delta.index, "delta": {"content": delta.text}}
+            head = self._head("chat.completion.chunk")
+        else:
+            choice = {"index": delta.index, "text": delta.text}
+            head = self._head("text_completion")
+        return {**head, "choices": [dict(choice, logprobs=None, finish_reason=None)]}
+
     def usage_chunk(self, completion: Completion, chat: bool) -> dict[str, Any]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         return {**self._head(kind), "choices": [], "usage": _usage(completion)}
@@ -440,24 +452,38 @@ def _text_logprobs(
 
 
 def _stream(
-    completing: Awaitable[Completion], answer: _Answer, chat: bool, include_usage: bool
+    streaming: AsyncGenerator[Delta | Completion, None],
+    answer: _Answer,
+    chat: bool,
+    include_usage: bool,
 ) -> EventSourceResponse:
-    """Server-sent events: an opening chunk at once, the completion's chunks when it is
-    done, its usage if asked for, then ``[DONE]``. A failure after the stream started is
-    an ``error`` event (the openai client raises it)."""
+    """Server-sent events: an opening chunk at once, each choice's text as it is decoded,
+    the rest and the finish reasons when the completion is done, its usage if asked for,
+    then ``[DONE]``. A failure after the stream started is an ``error`` event (the openai
+    client raises it). A client that leaves ends ``streaming`` (samples not yet started
+    are cancelled; started ones run to their end)."""
     chunks = answer.chat_chunks if chat else answer.text_chunks
 
     async def events() -> AsyncIterator[dict[str, str]]:
         for chunk in chunks(None):
             yield {"data": json.dumps(chunk)}
+        completion: Completion | None = None
         try:
-            completion = await completing
+            # Closed here, not whenever it is collected: a client that leaves cancels
+            # its samples at once.
+            async with contextlib.aclosing(streaming):
+                async for item in streaming:
+                    if isinstance(item, Delta):
+                        yield {"data": json.dumps(answer.delta_chunk(item, chat))}
+                    else:
+                        completion = item
         except (UserInputError, NotFound) as exc:
             yield {"data": json.dumps(_error_body(message_of(exc), "invalid_request_error"))}
             return
         except Exception as exc:  # the sampler's fault; the status line has gone already
             yield {"data": json.dumps(_error_body(str(exc), "server_error"))}
             return
+        assert completion is not None, "a stream ends with its completion"
         for chunk in chunks(completion):
             yield {"data": json.dumps(chunk)}
         if include_usage:
