@@ -133,7 +133,7 @@ from treadle.engine.models import resolve_folder
 from treadle.engine.process import compute_threads, tuned_environment
 from treadle.engine.rank import Start, receive, send
 from treadle.engine.train import ForwardBackwardOutcome, LoraModel
-from treadle.engine.worker import Loss
+from treadle.engine.worker import Loss, chat_prompt_tokens
 from treadle.errors import UserInputError
 from treadle.sampling_params import SamplingParams
 from treadle.settings import ModelEntry, Settings
@@ -1026,19 +1026,8 @@ class WorkerGroup:
         """The prompt tokens of ``messages`` in the model's chat template, ending with the
         assistant's turn opened."""
         tokenizer = self._text()
-        if not tokenizer.chat_template:
-            raise UserInputError(
-                f"{self.info.name} has no chat template; use /completions with a prompt"
-            )
         with self._text_lock:
-            try:
-                text = tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-            except Exception as exc:  # the template's own checks (roles, order) fail here
-                raise UserInputError(f"the chat template refused the messages: {exc}") from exc
-            # The template writes the special tokens (a BOS) itself.
-            return list(tokenizer.encode(str(text), add_special_tokens=False))
+            return chat_prompt_tokens(tokenizer, self.info.name, messages)
 
 
 def split_datums(works: Sequence[GroupWork], world: int) -> list[list[tuple[int, list[int]]]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from treadle.engine.checkpoint import load_adapter, load_optimizer_state, save_adapter
 from treadle.engine.datum import check_data, loss_spec, resolve_config
@@ -191,20 +192,23 @@ class Worker:
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt tokens of ``messages`` in the model's own chat template, ending
         with the assistant's turn opened."""
-        tokenizer = self.base.tokenizer
-        if not tokenizer.chat_template:
-            raise UserInputError(
-                f"{self.info.name} has no chat template; use /completions with a prompt"
-            )
         with self._text_lock:
-            try:
-                text = tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-            except Exception as exc:  # the template's own checks (roles, order) fail here
-                raise UserInputError(f"the chat template refused the messages: {exc}") from exc
-            # The template writes the special tokens (a BOS) itself.
-            return list(tokenizer.encode(str(text), add_special_tokens=False))
+            return chat_prompt_tokens(self.base.tokenizer, self.info.name, messages)
+
+
+def chat_prompt_tokens(
+    tokenizer: PreTrainedTokenizerBase, model: str, messages: list[dict[str, str]]
+) -> list[int]:
+    """The prompt tokens of ``messages`` in ``tokenizer``'s chat template, ending with the
+    assistant's turn opened (the caller holds its tokenizer's lock)."""
+    if not tokenizer.chat_template:
+        raise UserInputError(f"{model} has no chat template; use /completions with a prompt")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template's own checks (roles, order) fail here
+        raise UserInputError(f"the chat template refused the messages: {exc}") from exc
+    # The template writes the special tokens (a BOS) itself.
+    return list(tokenizer.encode(str(text), add_special_tokens=False))
 
 
 def load_worker(entry: ModelEntry, settings: Settings) -> Worker:
